@@ -82,6 +82,9 @@ class FilesystemPlan:
     # Symlinks to create in the new root (target path -> link text), e.g. /bin -> usr/bin on
     # merged-/usr hosts, so the layout matches the host's.
     symlinks: tuple[tuple[str, str], ...] = ()
+    # Small generated files written on the root tmpfs before it goes read-only (target, text):
+    # /etc/hosts, /etc/passwd, /etc/group naming the sandbox's own user and hostname.
+    files: tuple[tuple[str, str], ...] = ()
     # The work directory. With `work_host_path` None it is a private tmpfs of `work_size_bytes`;
     # otherwise that host directory (owned by the run's host uid) is bound writable there.
     work_dir: str = "/box"
@@ -101,9 +104,6 @@ class FilesystemPlan:
     dev_nodes: tuple[str, ...] = ("null", "zero", "full", "random", "urandom", "tty")
     # Remount the new root's tmpfs read-only once it is built.
     root_readonly: bool = True
-    # Host directory the new root's tmpfs is mounted on, inside the run's own mount namespace
-    # (so the host never sees it). Shared by all runs: each has its own mount namespace.
-    root_mountpoint: str = "/run/sandboxd/root"
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,17 @@ class AppArmorPlan:
 
 @dataclass(frozen=True)
 class NetworkPlan:
-    mode: str = "none"           # "none": own netns with loopback only
+    """Which network the sandbox gets (sandboxd/network, docs/network.md)."""
+
+    # "none": own netns with loopback only.
+    # "segment": own netns plus one interface (eth0) on the bridge of segment `segment`, in
+    #   sandboxd's own namespace; peers by name through the segment's hosts file; egress only
+    #   to the segment's allowlist (from the daemon's network config, not from the plan).
+    # "host": the host's network namespace, shared. Only when the policy allows it explicitly.
+    mode: str = "none"
+    # Segment name, required for "segment" and None otherwise. Resolved at load time against
+    # the daemon's network config: an unknown name never reaches the plan.
+    segment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +276,20 @@ def _to_jsonable(v: Any) -> Any:
     return v
 
 
+_HINTS: dict[type, tuple[dict[str, Any], frozenset[str]]] = {}
+
+
+def _hints(tp: type) -> tuple[dict[str, Any], frozenset[str]]:
+    # get_type_hints() evaluates string annotations: slow, so once per class (plans are decoded
+    # on the launcher's per-run path).
+    h = _HINTS.get(tp)
+    if h is None:
+        import typing
+        h = (typing.get_type_hints(tp), frozenset(f.name for f in dataclasses.fields(tp)))
+        _HINTS[tp] = h
+    return h
+
+
 def _from_jsonable(tp: Any, v: Any) -> Any:
     """Rebuild a dataclass tree from its JSON form, strictly: unknown keys are an error."""
     import typing
@@ -273,8 +297,7 @@ def _from_jsonable(tp: Any, v: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(v, dict):
             raise ValueError(f"{tp.__name__}: expected an object, got {type(v).__name__}")
-        hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
+        hints, names = _hints(tp)
         extra = set(v) - names
         if extra:
             raise ValueError(f"{tp.__name__}: unknown keys {sorted(extra)}")

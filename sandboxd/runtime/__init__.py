@@ -1,0 +1,1 @@
+"""The child side of sandboxd: one module per kernel subsystem, applied from a resolved Plan."""

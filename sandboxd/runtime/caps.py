@@ -1,0 +1,101 @@
+"""Capability names and the drop sequence.
+
+Dropping happens in the workload process right before no_new_privs/LSM/seccomp, in this order
+(each step needs what the previous one still has):
+  1. bounding set: drop everything not kept (needs CAP_SETPCAP, which we still hold);
+  2. ambient set cleared;
+  3. keep-caps on, then setresgid/setresuid to the workload's ids (keep-caps so the kept
+     capabilities survive the uid change);
+  4. capset: effective = permitted = inheritable = kept;
+  5. kept capabilities raised in the ambient set so they survive execve for a non-root uid.
+With nothing kept (the default) every set is empty at execve.
+"""
+
+from __future__ import annotations
+
+import os
+
+from sandboxd.errors import PlanError
+from sandboxd.runtime import linux
+
+# linux/capability.h, 0..40 on 6.x kernels
+CAP_NAMES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)
+CAP_BY_NAME = {n: i for i, n in enumerate(CAP_NAMES)}
+
+
+def last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return len(CAP_NAMES) - 1
+
+
+def parse_caps(names: tuple[str, ...] | list[str]) -> int:
+    """Names -> bitmask. Unknown names are an error (fail closed), never skipped."""
+    mask = 0
+    bad = []
+    for n in names:
+        key = n.upper()
+        if not key.startswith("CAP_"):
+            key = "CAP_" + key
+        if key not in CAP_BY_NAME:
+            bad.append(n)
+            continue
+        mask |= 1 << CAP_BY_NAME[key]
+    if bad:
+        raise PlanError(f"unknown capability name(s): {', '.join(bad)}", step="capabilities")
+    return mask
+
+
+def mask_names(mask: int) -> list[str]:
+    return [CAP_NAMES[i] if i < len(CAP_NAMES) else f"CAP_{i}" for i in range(64) if mask >> i & 1]
+
+
+def drop_to(keep_mask: int, uid: int, gid: int) -> None:
+    """Steps 1-5 above. Runs in the workload child; raises LaunchError naming the step."""
+    top = last_cap()
+    for cap in range(top + 1):                       # 1. bounding set
+        if not keep_mask >> cap & 1:
+            linux.prctl(linux.PR_CAPBSET_DROP, cap, step="capabilities(bounding)")
+    linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL, step="capabilities(ambient)")  # 2.
+    linux.prctl(linux.PR_SET_KEEPCAPS, 1, step="capabilities(keepcaps)")   # 3.
+    try:
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as e:
+        from sandboxd.errors import LaunchError
+        raise LaunchError(f"switch to uid {uid} gid {gid}", step="identity", errno=e.errno) from None
+    linux.prctl(linux.PR_SET_KEEPCAPS, 0, step="capabilities(keepcaps)")
+    linux.capset(keep_mask, keep_mask, keep_mask)    # 4.
+    for cap in range(top + 1):                       # 5.
+        if keep_mask >> cap & 1:
+            linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_RAISE, cap,
+                        step="capabilities(ambient raise)")
+
+
+def read_status_caps(status_text: str) -> dict[str, object]:
+    """Parse the capability/identity lines of /proc/<pid>/status for the attestation."""
+    out: dict[str, object] = {}
+    for line in status_text.splitlines():
+        key, _, val = line.partition(":")
+        val = val.strip()
+        if key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            out[key] = mask_names(int(val, 16))
+        elif key in ("NoNewPrivs", "Seccomp", "Seccomp_filters"):
+            out[key] = int(val)
+        elif key in ("Uid", "Gid"):
+            out[key] = [int(x) for x in val.split()]
+        elif key == "Groups":
+            out[key] = [int(x) for x in val.split()]
+    return out

@@ -1,0 +1,40 @@
+"""Configuration of the runtime (the launcher process), set by the operator, not by requests."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    # Host uids/gids handed out one per concurrent run when the launcher runs as root.
+    # The default range sits far above ordinary users and Debian's subuid ranges.
+    uid_range_start: int = 2_000_000
+    uid_range_count: int = 65_536
+    # Where sandboxd's cgroups go. None: below the cgroup the launcher itself is in (per
+    # controller on v1), as a delegated service does.
+    cgroup_root: str | None = None
+    # Names sandboxd's own cgroups (sandboxd-<instance>) so a restart finds and removes only
+    # its own leftovers.
+    instance: str = "default"
+    # Host directory every run mounts its new root's tmpfs on, inside its own mount namespace.
+    root_mountpoint: str = "/run/sandboxd/root"
+    # How uid/gid maps are written: "auto" (root: write directly; otherwise newuidmap with a
+    # /etc/subuid range when available, else a single-id map of our own uid), or force one.
+    id_mapping: str = "auto"
+    # Supervisors forked ahead of time (each with its user and pid namespace and init ready),
+    # so a run does not wait for two forks. 0 disables. Each costs two idle processes.
+    prefork: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RuntimeConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = set(d) - names
+        if extra:
+            raise ValueError(f"RuntimeConfig: unknown keys {sorted(extra)}")
+        return cls(**d)

@@ -1,0 +1,592 @@
+"""The launcher: one single-threaded process that forks per run.
+
+Theory of operation. gRPC's Python server is threaded, and fork() in a threaded process may
+leave locks held forever in the child, so the daemon never forks. At startup it execs this
+module as a fresh interpreter (no grpc imported, no threads ever started) and talks to it over
+a CLOEXEC SOCK_SEQPACKET socket. For each RUN frame the launcher, in its event loop:
+
+  1. resolves the run's host resources: a host uid/gid from its range, a leaf cgroup with the
+     plan's limits (read back), the compiled seccomp filter (compiled once per profile and
+     cached: the child only installs bytes);
+  2. forks the run's supervisor (sandbox.supervisor_main), which unshares USER|PID and forks init;
+  3. on FORKED, writes init's uid_map/gid_map and puts init into the cgroup, then releases it;
+  4. on REPORT (the supervisor's last word), reads CPU, peak memory and OOM kills from the
+     cgroup, kills whatever is left, removes the cgroup, frees the uid, decides the status and
+     sends RESULT (or ERROR) to the client.
+Every resource is registered for release in the run's ExitStack the moment it exists, so an
+error at any step, a dead supervisor or a launcher shutdown releases it on the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandboxd.errors import HostCapabilityError, LaunchError, PlanError, SandboxError
+from sandboxd.plan import Plan, Result, Status, DeniedSyscall
+from sandboxd.runtime import caps, hostinfo, linux, protocol, sandbox
+from sandboxd.runtime.config import RuntimeConfig
+
+
+@dataclass
+class _Sup:
+    """One supervisor process: a spare waiting for a run, or the supervisor of a run."""
+
+    pid: int
+    pidfd: int
+    lsock: socket.socket
+    stack: contextlib.ExitStack          # the supervisor's resources, then the run's, released together
+    host_uid: int
+    host_gid: int
+    inside: tuple[int, int]              # (uid, gid) inside: fixed once the map is written
+    maps: tuple[str, str] = ("", "")     # the uid_map and gid_map lines written
+    init_pid: int | None = None          # set by FORKED; then the maps are written
+    run: "_RunState | None" = None
+    exited: bool = False
+    t_spawn: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _RunState:
+    run_id: str
+    plan: Plan
+    ctx: sandbox.RunContext
+    run_sock: socket.socket
+    stdin_fd: int
+    cgroup: Any
+    uid_map: str = ""
+    gid_map: str = ""
+    report: dict | None = None
+    dispatched: bool = False
+    completed: bool = False
+    t_start: float = field(default_factory=time.monotonic)
+    seccomp_info: dict = field(default_factory=dict)
+    landlock_info: dict | None = None
+    cgroup_readback: dict = field(default_factory=dict)
+
+    def release_stdin(self) -> None:
+        if self.stdin_fd >= 0:
+            fd, self.stdin_fd = self.stdin_fd, -1
+            os.close(fd)
+
+
+class IdPool:
+    """Host uids/gids handed to runs, one per concurrent run (same number for uid and gid)."""
+
+    def __init__(self, start: int, count: int) -> None:
+        self.start, self.count = start, count
+        self.free = list(range(start + count - 1, start - 1, -1))
+
+    def acquire(self) -> int:
+        if not self.free:
+            raise SandboxError("no free host uid in the configured range", step="userns",
+                               hint="raise uid_range_count or lower concurrency")
+        return self.free.pop()
+
+    def release(self, uid: int) -> None:
+        self.free.append(uid)
+
+
+class Launcher:
+    def __init__(self, ctl: socket.socket, config: RuntimeConfig) -> None:
+        self.ctl = ctl
+        self.config = config
+        self.sel = selectors.DefaultSelector()
+        self.sups: dict[int, _Sup] = {}
+        self.host = hostinfo.probe(config)
+        self.rootful = os.geteuid() == 0
+        self.idmode = self.host["userns"]["id_mapping"]
+        self.pool = IdPool(*self.host["userns"]["range"]) if self.host["userns"]["range"] else None
+        from sandboxd.runtime import cgroups
+        self.cgroups = cgroups.CgroupManager.detect(root=config.cgroup_root, instance=config.instance)
+        self.host["cgroups"] = self.cgroups.info()
+        self.host["cgroups"]["stale_removed"] = self.cgroups.cleanup_stale()
+        os.makedirs(config.root_mountpoint, exist_ok=True)
+        self.host_ns = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in
+                        ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")}
+        self._seccomp_cache: dict[tuple, Any] = {}
+
+    # -- main loop -----------------------------------------------------------------------------
+    def serve(self) -> None:
+        self.sel.register(self.ctl, selectors.EVENT_READ, ("ctl", None))
+        protocol.send(self.ctl, protocol.GO, {"host": self.host})
+        while True:
+            events = self.sel.select(self._next_timeout())
+            for key, _ in events:
+                tag, sup = key.data
+                if tag == "ctl":
+                    if not self._on_ctl():
+                        self.shutdown()
+                        return
+                elif tag == "lsock":
+                    self._on_lsock(sup)
+                elif tag == "pidfd":
+                    self._on_exit(sup)
+            self._check_stuck()
+            if not events:
+                self._replenish()      # spares are made when nothing else is waiting
+
+    def _next_timeout(self) -> float | None:
+        if len(self._idle_spares()) < self.config.prefork:
+            return 0.0
+        return 1.0 if self.sups else None
+
+    def _idle_spares(self) -> list[_Sup]:
+        return [s for s in self.sups.values() if s.run is None and not s.exited]
+
+    def _replenish(self) -> None:
+        if len(self._idle_spares()) < self.config.prefork:
+            try:
+                self._spawn((1000, 1000))
+            except SandboxError as e:
+                print(f"sandboxd-launcher: cannot make a spare: {e}", file=sys.stderr)
+
+    def _check_stuck(self) -> None:
+        # Safety net: a supervisor that outlives its wall limit by far is killed with its run.
+        now = time.monotonic()
+        for sup in list(self.sups.values()):
+            if sup.run is not None and not sup.exited:
+                budget = sup.run.plan.limits.wall_time_ms / 1000.0 + 30.0
+                if now - sup.run.t_start > budget:
+                    linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+
+    def _on_ctl(self) -> bool:
+        try:
+            kind, payload, fds = protocol.recv(self.ctl)
+        except OSError:
+            return False
+        if kind == b"":
+            return False
+        if kind == protocol.RUN:
+            run_fd, stdin_fd = (fds + [-1, -1])[:2]
+            run_sock = socket.socket(fileno=run_fd)
+            try:
+                self._start(protocol.loads(payload), run_sock, stdin_fd)
+            except SandboxError as e:
+                _send_quiet(run_sock, protocol.ERROR, e.to_dict())
+                run_sock.close()
+                _close_quiet(stdin_fd)
+            except Exception as e:  # noqa: BLE001 - a bug must not take the launcher down
+                _send_quiet(run_sock, protocol.ERROR, LaunchError(repr(e), step="launcher").to_dict())
+                run_sock.close()
+                _close_quiet(stdin_fd)
+        return True
+
+    # -- supervisors ---------------------------------------------------------------------------
+    def _spawn(self, inside: tuple[int, int]) -> _Sup:
+        """Fork a supervisor (which unshares USER|PID and forks init); it then waits for a run."""
+        stack = contextlib.ExitStack()
+        try:
+            if self.pool is not None:
+                uid = self.pool.acquire()
+                stack.callback(self.pool.release, uid)
+                gid = uid
+            else:
+                uid, gid = os.geteuid(), os.getegid()
+            lsock_l, lsock_p = protocol.seqpacket_pair()
+            stack.callback(lsock_l.close)
+            pid = os.fork()
+            if pid == 0:  # ---- supervisor
+                try:
+                    linux.close_fds_except((lsock_p.fileno(),))
+                    sandbox.supervisor_main(lsock_p)
+                finally:
+                    os._exit(123)
+            lsock_p.close()
+            pidfd = linux.pidfd_open(pid)
+            stack.callback(_reap, pid, pidfd)
+        except BaseException:
+            stack.close()
+            raise
+        sup = _Sup(pid=pid, pidfd=pidfd, lsock=lsock_l, stack=stack, host_uid=uid, host_gid=gid,
+                   inside=inside)
+        self.sups[pid] = sup
+        self.sel.register(lsock_l, selectors.EVENT_READ, ("lsock", sup))
+        self.sel.register(pidfd, selectors.EVENT_READ, ("pidfd", sup))
+        stack.callback(self._unregister, pidfd)
+        stack.callback(self._unregister, lsock_l)
+        return sup
+
+    def _take_spare(self, inside: tuple[int, int]) -> _Sup:
+        ready = [s for s in self._idle_spares() if s.inside == inside]
+        ready.sort(key=lambda s: (s.init_pid is None, s.t_spawn))   # mapped ones first
+        return ready[0] if ready else self._spawn(inside)
+
+    # -- one run -------------------------------------------------------------------------------
+    def _start(self, plan_dict: dict, run_sock: socket.socket, stdin_fd: int) -> None:
+        try:
+            plan = Plan.from_dict(plan_dict)
+        except (TypeError, ValueError, KeyError) as e:
+            raise PlanError(f"malformed plan: {e}", step="plan") from None
+        self._check_plan(plan)
+        if plan.user.uid_mode == "per_run" and self.pool is None and not plan.user.allow_single_uid:
+            raise HostCapabilityError(
+                "plan requires a per-run host uid but this launcher can only map its own uid",
+                step="userns", hint="run as root, or give the user a /etc/subuid range and install uidmap")
+        keep = caps.parse_caps(plan.caps_keep)
+        ctx = sandbox.RunContext(plan=plan, keep_caps=keep, host_ns=self.host_ns,
+                                 root_mountpoint=self.config.root_mountpoint)
+        seccomp_info = self._prepare_seccomp(plan, ctx)
+        landlock_info = self._prepare_landlock(plan, ctx)
+        self._prepare_apparmor(plan, ctx)
+        sup = self._take_spare((plan.user.inside_uid, plan.user.inside_gid))
+        run_id = plan.run_id or f"{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            cg = self.cgroups.create(run_id, plan.limits)
+        except BaseException:
+            self._retire(sup)
+            raise
+        sup.stack.callback(cg.remove)
+        ctx.cgroup = cg
+        run = _RunState(run_id=run_id, plan=plan, ctx=ctx, run_sock=run_sock, stdin_fd=stdin_fd,
+                        cgroup=cg, seccomp_info=seccomp_info, landlock_info=landlock_info)
+        sup.run = run
+        sup.stack.callback(run.release_stdin)   # by reference: the fd may be handed over earlier
+        run.cgroup_readback = cg.readback()
+        if plan.filesystem.work_host_path:
+            os.chown(plan.filesystem.work_host_path, sup.host_uid, sup.host_gid)
+        if sup.init_pid is not None:
+            self._dispatch(sup)
+
+    def _dispatch(self, sup: _Sup) -> None:
+        """Init is mapped and waiting: put it in the run's cgroup, then hand over the run."""
+        run = sup.run
+        assert run is not None and sup.init_pid is not None
+        try:
+            run.cgroup.add_pid(sup.init_pid)
+            protocol.send(sup.lsock, protocol.CTX, pickle.dumps(run.ctx, protocol=pickle.HIGHEST_PROTOCOL),
+                          fds=[run.run_sock.fileno(), run.stdin_fd])
+        except (SandboxError, OSError) as e:
+            err = e if isinstance(e, SandboxError) else LaunchError(str(e), step="dispatch", errno=e.errno)
+            run.report = {"launch_error": err.to_dict()}
+            linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+            return
+        run.dispatched = True
+        run.release_stdin()          # the supervisor has its copy now
+
+    def _retire(self, sup: _Sup) -> None:
+        linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+
+    def _check_plan(self, plan: Plan) -> None:
+        if not plan.argv:
+            raise PlanError("argv is empty", step="plan")
+        if plan.network.mode not in ("none",):
+            raise HostCapabilityError(f"network mode {plan.network.mode!r} is not available in this runtime",
+                                      step="network")
+        if plan.apparmor.profile and plan.apparmor.required and not self.host["apparmor"]["enabled"]:
+            raise HostCapabilityError(
+                f"AppArmor profile {plan.apparmor.profile!r} is required but this host has no AppArmor",
+                step="apparmor", hint="run on a kernel with AppArmor enabled, or make the profile not required")
+
+    def _prepare_seccomp(self, plan: Plan, ctx: sandbox.RunContext) -> dict:
+        if plan.seccomp is None:
+            return {"enabled": False}
+        from sandboxd.runtime import seccomp
+        sp = plan.seccomp
+        key = (sp.path, sp.sha256, tuple(sorted(plan.caps_keep)), sp.report_denials)
+        hit = self._seccomp_cache.get(key)
+        if hit is None:
+            digest = _sha256_file(sp.path)
+            if digest != sp.sha256:
+                raise HostCapabilityError(
+                    f"seccomp profile {sp.name!r} changed on disk since the plan was made "
+                    f"(plan sha256 {sp.sha256[:12]}, file {digest[:12]})", step="seccomp", path=sp.path)
+            prof = seccomp.load_profile(sp.path)
+            compiled = seccomp.compile_profile(prof, caps_keep=tuple(plan.caps_keep),
+                                               report_denials=sp.report_denials, sync_fd=sandbox.SYNC_FD)
+            self._seccomp_cache[key] = hit = compiled
+        compiled = hit
+        ctx.seccomp_compiled = compiled
+        return {"enabled": True, "profile": sp.name, "profile_sha256": sp.sha256,
+                "bpf_sha256": compiled.sha256, "report_denials": sp.report_denials,
+                "uses_notify": compiled.uses_notify, "unenforced": list(compiled.unenforced)}
+
+    def _prepare_landlock(self, plan: Plan, ctx: sandbox.RunContext) -> dict | None:
+        if not plan.landlock.enabled:
+            return {"enabled": False}
+        try:
+            from sandboxd.runtime import landlock
+        except ImportError:
+            if plan.landlock.mode == "required":
+                raise HostCapabilityError("Landlock support is not built into this runtime", step="landlock")
+            return {"enabled": False, "reason": "not built"}
+        abi = self.host["landlock"]["abi"]
+        rules = landlock.resolve(plan, abi)
+        ctx.landlock_rules = rules
+        return {"enabled": True, "abi": abi, "mode": plan.landlock.mode,
+                "unenforced": list(getattr(rules, "unenforced", []))}
+
+    def _prepare_apparmor(self, plan: Plan, ctx: sandbox.RunContext) -> None:
+        if not plan.apparmor.profile or not self.host["apparmor"]["enabled"]:
+            return
+        from sandboxd.runtime import apparmor
+        ctx.apparmor_exec = apparmor.prepare_exec(plan.apparmor)
+
+    def _on_lsock(self, sup: _Sup) -> None:
+        try:
+            kind, payload, _ = protocol.recv(sup.lsock)
+        except OSError:
+            kind, payload = b"", b""
+        if kind == protocol.FORKED:
+            ipid = protocol.loads(payload)["init_pid"]
+            try:
+                self._map(sup, ipid)
+            except SandboxError as e:
+                if sup.run is not None:
+                    sup.run.report = {"launch_error": e.to_dict()}
+                else:
+                    print(f"sandboxd-launcher: spare failed: {e}", file=sys.stderr)
+                linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+                return
+            sup.init_pid = ipid
+            if sup.run is not None:
+                self._dispatch(sup)
+        elif kind == protocol.REPORT:
+            if sup.run is not None:
+                if sup.run.report is None:
+                    sup.run.report = protocol.loads(payload)
+                self._complete(sup)
+        elif kind == b"":
+            self._unregister(sup.lsock)
+
+    def _unregister(self, obj: Any) -> None:
+        try:
+            self.sel.unregister(obj)
+        except (KeyError, ValueError):
+            pass
+
+    def _map(self, sup: _Sup, ipid: int) -> None:
+        """Write init's uid/gid map: inside id -> this supervisor's host id, one id each."""
+        uid_map = f"{sup.inside[0]} {sup.host_uid} 1\n"
+        gid_map = f"{sup.inside[1]} {sup.host_gid} 1\n"
+        if self.idmode == "newuidmap":
+            import subprocess  # only here: importing it pulls in threading, which slows every fork
+            for tool, line in (("newuidmap", uid_map), ("newgidmap", gid_map)):
+                r = subprocess.run([tool, str(ipid), *line.split()], capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise LaunchError(f"{tool} failed: {r.stderr.strip()}", step="userns")
+        else:
+            linux.write_file(f"/proc/{ipid}/setgroups", "deny", step="userns(setgroups)")
+            linux.write_file(f"/proc/{ipid}/uid_map", uid_map, step="userns(uid_map)")
+            linux.write_file(f"/proc/{ipid}/gid_map", gid_map, step="userns(gid_map)")
+        sup.maps = (uid_map.strip(), gid_map.strip())
+
+    def _on_exit(self, sup: _Sup) -> None:
+        """The supervisor is gone: answer the client if not done yet, then release everything."""
+        sup.exited = True
+        run = sup.run
+        if run is not None:
+            # Drain a REPORT that may still be queued behind the exit.
+            while run.report is None:
+                try:
+                    kind, payload, _ = protocol.recv(sup.lsock)
+                except (BlockingIOError, OSError):
+                    break
+                if kind == protocol.REPORT:
+                    run.report = protocol.loads(payload)
+                elif kind == b"":
+                    break
+            self._complete(sup)
+        self.sups.pop(sup.pid, None)
+        errors = _close_stack(sup.stack)
+        if errors:
+            print(f"sandboxd-launcher: cleanup of supervisor {sup.pid}: {errors}", file=sys.stderr)
+
+    def _complete(self, sup: _Sup) -> None:
+        """Send the result (or the error) as soon as the supervisor has reported.
+
+        The supervisor reports after init was reaped, and the kernel reaps every process of the
+        pid namespace before init's exit completes, so the cgroup's numbers are final here. The
+        supervisor's own exit and the release of the run's resources follow without the client
+        waiting for them."""
+        run = sup.run
+        if run is None or run.completed:
+            return
+        run.completed = True
+        try:
+            frame, body = self._finish(sup)
+        except SandboxError as e:
+            frame, body = protocol.ERROR, e.to_dict()
+        except Exception as e:  # noqa: BLE001
+            frame, body = protocol.ERROR, LaunchError(repr(e), step="collect").to_dict()
+        _send_quiet(run.run_sock, frame, body)
+        run.run_sock.close()
+
+    def _finish(self, sup: _Sup) -> tuple[bytes, dict]:
+        run = sup.run
+        assert run is not None
+        rep = run.report or {}
+        cg = run.cgroup
+        # Read the cgroup before anything else can change it, then kill what is left.
+        cpu_total = cg.cpu_usage_ns()
+        peak = cg.memory_peak()
+        ooms = cg.oom_kills()
+        cg.kill_all()
+        if rep.get("launch_error"):
+            raise SandboxError.from_dict(rep["launch_error"])
+        if rep.get("t_exec_ns") is None:
+            raise LaunchError("the sandbox ended before the program started", step="supervisor")
+        plan = run.plan
+        lim = plan.limits
+        w = rep.get("workload") or {}
+        base = rep.get("cpu_base_ns") or 0
+        cpu_ms = max(0, cpu_total - base) / 1e6
+        t_exit = w.get("t_exit_ns")
+        wall_ms = ((t_exit if t_exit else time.monotonic_ns()) - rep["t_exec_ns"]) / 1e6
+        exit_code = sig = None
+        ws = w.get("wait_status")
+        if ws is not None:
+            if os.WIFEXITED(ws):
+                exit_code = os.WEXITSTATUS(ws)
+            elif os.WIFSIGNALED(ws):
+                sig = os.WTERMSIG(ws)
+        else:
+            sig = signal.SIGKILL  # init was killed: the workload died with the namespace
+        reason = rep.get("kill_reason")
+        res = Result(status=Status.OK, exit_code=exit_code, signal=sig, cpu_time_ms=round(cpu_ms, 3),
+                     wall_time_ms=round(wall_ms, 3), peak_memory_bytes=peak, oom_kills=ooms,
+                     killed_by_sandbox=reason is not None, kill_reason=reason)
+        res.stdout_truncated = rep["truncated"]["stdout"]
+        res.stderr_truncated = rep["truncated"]["stderr"]
+        res.denied_syscalls = [DeniedSyscall(name=n, count=c, action=a)
+                               for n, (c, a) in sorted(rep.get("denials", {}).items())]
+        res.status = decide_status(plan, res, reason, rep.get("cancelled", False))
+        res.attestation = self._attest(sup, rep)
+        return protocol.RESULT, res.to_dict(include_output=False)
+
+    def _attest(self, sup: _Sup, rep: dict) -> dict:
+        run = sup.run
+        assert run is not None
+        att = rep.get("attestation") or {}
+        inside = caps.read_status_caps(att.get("status", ""))
+        outside = caps.read_status_caps(att.get("status_outside", ""))
+        ns = att.get("ns") or {}
+        return {
+            "namespaces": {k: {"id": v, "new": v != self.host_ns.get(k)} for k, v in ns.items()},
+            "uid_map": sup.maps[0], "gid_map": sup.maps[1],
+            "id_mapping": self.idmode,
+            "identity": {"uid": inside.get("Uid"), "gid": inside.get("Gid"), "groups": inside.get("Groups")},
+            "capabilities": {k: inside.get(k) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+            "no_new_privs": outside.get("NoNewPrivs", inside.get("NoNewPrivs")),
+            "seccomp": dict(run.seccomp_info, mode=outside.get("Seccomp"),
+                            filters=outside.get("Seccomp_filters")),
+            "landlock": dict(run.landlock_info or {}, applied=att.get("landlock")),
+            "apparmor": {"requested": run.plan.apparmor.profile, "host": self.host["apparmor"]},
+            "cgroup": dict(run.cgroup_readback),
+            "rlimits": _rlimits_of(run.plan),
+            "network": {"mode": run.plan.network.mode},
+        }
+
+    def shutdown(self) -> None:
+        """Kill every run and spare, answer every waiting client, release everything."""
+        for sup in list(self.sups.values()):
+            linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+        for sup in list(self.sups.values()):
+            try:
+                os.waitpid(sup.pid, 0)
+            except ChildProcessError:
+                pass
+            if sup.run is not None and sup.run.report is None:
+                sup.run.report = {"launch_error": LaunchError("launcher shutting down", step="shutdown").to_dict()}
+            self._on_exit(sup)
+
+
+def decide_status(plan: Plan, res: Result, reason: str | None, cancelled: bool) -> Status:
+    """The verdict, in precedence order. A pure function: unit-tested without a kernel."""
+    lim = plan.limits
+    if cancelled or reason == "CANCELLED":
+        return Status.CANCELLED
+    if reason == "SYSCALL_DENIED":
+        return Status.SYSCALL_DENIED
+    if reason == "OUTPUT_LIMIT" or res.signal == signal.SIGXFSZ:
+        return Status.OUTPUT_LIMIT
+    if lim.cpu_time_ms is not None and (res.cpu_time_ms > lim.cpu_time_ms or reason == "TIME_LIMIT"
+                                        or res.signal == signal.SIGXCPU):
+        return Status.TIME_LIMIT
+    if reason == "WALL_TIME_LIMIT":
+        return Status.WALL_TIME_LIMIT
+    if res.oom_kills > 0:
+        return Status.MEMORY_LIMIT
+    if res.signal is not None:
+        return Status.SIGNALED
+    if res.exit_code:
+        return Status.RUNTIME_ERROR
+    return Status.OK
+
+
+def _rlimits_of(plan: Plan) -> dict:
+    lim = plan.limits
+    return {"core": 0, "stack": lim.stack_bytes, "fsize": lim.file_size_bytes, "nofile": lim.open_files,
+            "cpu_s": None if lim.cpu_time_ms is None else (lim.cpu_time_ms + lim.cpu_extra_ms) // 1000 + 1,
+            "as": lim.address_space_bytes}
+
+
+def _sha256_file(path: str) -> str:
+    import hashlib
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise HostCapabilityError("cannot read seccomp profile", step="seccomp", path=path, errno=e.errno) from None
+
+
+def _send_quiet(sock: socket.socket, kind: bytes, body: Any) -> None:
+    try:
+        protocol.send(sock, kind, body)
+    except OSError:
+        pass
+
+
+def _close_quiet(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _reap(pid: int, pidfd: int) -> None:
+    linux.pidfd_send_signal(pidfd, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    os.close(pidfd)
+
+
+def _close_stack(stack: contextlib.ExitStack) -> list[str]:
+    """Close the run's stack; keep cleanup errors next to the result instead of losing them."""
+    try:
+        stack.close()
+    except Exception as e:  # noqa: BLE001
+        return [str(e)]
+    return []
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(prog="sandboxd-launcher")
+    ap.add_argument("--ctl-fd", type=int, required=True)
+    ap.add_argument("--config", default="{}")
+    a = ap.parse_args(argv)
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="launcher")
+    ctl = socket.socket(fileno=a.ctl_fd)
+    try:
+        config = RuntimeConfig.from_dict(json.loads(a.config))
+        launcher = Launcher(ctl, config)
+    except SandboxError as e:
+        _send_quiet(ctl, protocol.ERROR, e.to_dict())
+        sys.exit(2)
+    launcher.serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Thin wrappers over the Linux syscalls the runtime needs and Python's os module lacks.
+
+Each wrapper raises LaunchError naming the syscall (the step), the object and the errno, so a
+failure deep in the containment sequence reads like "mount: bind /usr -> /run/.../usr (EPERM)".
+They are safe to call in a forked child of a single-threaded process: no threads, no locks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+
+from sandboxd.errors import LaunchError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# clone/unshare flags (linux/sched.h)
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+NAMESPACE_FLAGS = {
+    "user": CLONE_NEWUSER, "pid": CLONE_NEWPID, "mnt": CLONE_NEWNS, "net": CLONE_NEWNET,
+    "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS, "cgroup": CLONE_NEWCGROUP,
+}
+
+# mount flags (linux/mount.h)
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+# statvfs f_flag bits -> mount flags that are locked in a child user namespace and must be kept
+# on remount (the kernel refuses to clear them: EPERM).
+_ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
+             (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
+
+# prctl options (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
+PR_SET_NAME = 15
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+SYS_pivot_root = 155
+SYS_capget = 125
+SYS_capset = 126
+SYS_close_range = 436
+SYS_pidfd_open = 434
+SYS_pidfd_send_signal = 424
+CLOSE_RANGE_CLOEXEC = 4
+
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.syscall.restype = ctypes.c_long
+
+
+def _fail(step: str, msg: str, path: str | None = None) -> LaunchError:
+    e = ctypes.get_errno()
+    return LaunchError(msg, step=step, path=path, errno=e)
+
+
+def unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        names = [n for n, f in NAMESPACE_FLAGS.items() if flags & f]
+        raise _fail("unshare", f"unshare({'|'.join(names)}) failed",
+                    ) from None
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    r = _libc.mount(source.encode() if source else None, target.encode(),
+                    fstype.encode() if fstype else None, flags, data.encode() if data else None)
+    if r != 0:
+        raise _fail("mount", f"mount {fstype or 'bind'} {source or ''} -> {target} flags={flags:#x}", target)
+
+
+def umount2(target: str, flags: int) -> None:
+    if _libc.umount2(target.encode(), flags) != 0:
+        raise _fail("umount", f"umount2 {target}", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    if _libc.syscall(SYS_pivot_root, new_root.encode(), put_old.encode()) != 0:
+        raise _fail("pivot_root", f"pivot_root({new_root}, {put_old})", new_root)
+
+
+def locked_flags(path: str) -> int:
+    """Mount flags of the mount at `path` that a remount in a user namespace must keep."""
+    st = os.statvfs(path)
+    out = 0
+    for st_bit, ms in _ST_TO_MS:
+        if st.f_flag & st_bit:
+            out |= ms
+    return out
+
+
+def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0, *, step: str = "prctl") -> int:
+    r = _libc.prctl(option, a2, a3, a4, a5)
+    if r < 0:
+        raise _fail(step, f"prctl({option}, {a2})")
+    return r
+
+
+def set_no_new_privs() -> None:
+    prctl(PR_SET_NO_NEW_PRIVS, 1, step="no_new_privs")
+
+
+def sethostname(name: str) -> None:
+    b = name.encode()
+    if _libc.sethostname(b, len(b)) != 0:
+        raise _fail("sethostname", f"sethostname({name})")
+
+
+def close_range(first: int, last: int, flags: int = 0) -> None:
+    if _libc.syscall(SYS_close_range, ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags)) != 0:
+        raise _fail("close_fds", f"close_range({first}, {last})")
+
+
+def close_fds_except(keep: tuple[int, ...]) -> None:
+    """Close every fd >= 3 except those in `keep`."""
+    lo = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        if fd > lo:
+            close_range(lo, fd - 1)
+        lo = fd + 1
+    close_range(lo, 0xFFFFFFFF)
+
+
+# --- capabilities: capget/capset with the v3 (64-bit) header --------------------------------
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        sh = 32 * i
+        data[i].effective = (effective >> sh) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> sh) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> sh) & 0xFFFFFFFF
+    if _libc.syscall(SYS_capset, ctypes.byref(hdr), ctypes.byref(data)) != 0:
+        raise _fail("capset", "capset")
+
+
+def pidfd_open(pid: int) -> int:
+    r = _libc.syscall(SYS_pidfd_open, pid, 0)
+    if r < 0:
+        raise _fail("pidfd_open", f"pidfd_open({pid})")
+    return int(r)
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> bool:
+    """True if sent; False if the process is already gone (ESRCH)."""
+    r = _libc.syscall(SYS_pidfd_send_signal, pidfd, sig, None, 0)
+    if r < 0:
+        if ctypes.get_errno() == 3:
+            return False
+        raise _fail("kill", f"pidfd_send_signal({sig})")
+    return True
+
+
+# --- loopback up without iproute2: SIOCSIFFLAGS on "lo" ---------------------------------------
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def loopback_up() -> None:
+    import fcntl
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifr = struct.pack("16sh14x", b"lo", 0)
+        res = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifr)
+        flags = struct.unpack("16sh14x", res)[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
+    except OSError as e:
+        raise LaunchError("bring loopback up", step="network", path="lo", errno=e.errno) from None
+    finally:
+        s.close()
+
+
+def write_file(path: str, data: str | bytes, step: str) -> None:
+    """open(O_WRONLY) + one write(): procfs/cgroupfs files want the whole value in one write."""
+    b = data.encode() if isinstance(data, str) else data
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise LaunchError(f"write {b[:80]!r}", step=step, path=path, errno=e.errno) from None

@@ -1,0 +1,75 @@
+"""Framing for the launcher's sockets: one SOCK_SEQPACKET message = one frame.
+
+A frame is one type byte followed by a payload (JSON for control frames, raw bytes for output
+chunks); file descriptors ride along as SCM_RIGHTS. Every socket is created CLOEXEC, so nothing
+leaks into a workload by accident: the workload gets exactly the fds the runtime dup2()s for it.
+
+Frames
+  client -> launcher (control socket)  RUN  plan JSON, fds [run socket, stdin]
+  launcher/supervisor -> client (run)  OUT1/OUT2 output chunks, RESULT/ERROR JSON at the end
+  client -> supervisor (run socket)    CANCEL
+  supervisor -> launcher               FORKED {"init_pid"}, REPORT {...} at the end
+  launcher -> supervisor               CTX pickled RunContext, fds [run socket, stdin]
+  supervisor -> init                   CTX the same bytes, fds [stdin]
+  workload -> supervisor (sync)        EXEC {attestation} + [seccomp listener fd], ERROR {...}
+  supervisor -> workload (sync)        ACK
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import socket
+from typing import Any
+
+RUN = b"R"
+OUT1 = b"1"
+OUT2 = b"2"
+RESULT = b"Z"
+ERROR = b"E"
+CANCEL = b"C"
+FORKED = b"F"
+GO = b"G"
+REPORT = b"P"
+EXEC = b"X"
+ACK = b"A"
+STATUS = b"S"
+CTX = b"K"
+
+MAX_FRAME = 1 << 17
+
+
+def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return a, b
+
+
+def send(sock: socket.socket, kind: bytes, payload: Any = None, fds: list[int] | tuple[int, ...] = ()) -> None:
+    if payload is None:
+        data = kind
+    elif isinstance(payload, (bytes, bytearray, memoryview)):
+        data = kind + bytes(payload)
+    else:
+        data = kind + json.dumps(payload, separators=(",", ":")).encode()
+    # Always sendmsg(): after the workload installs its seccomp filter, sendmsg on its sync
+    # socket is the one socket call the filter is known to allow.
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], anc)
+
+
+def recv(sock: socket.socket, maxfds: int = 4) -> tuple[bytes, bytes, list[int]]:
+    """-> (kind, payload bytes, fds). kind is b"" at EOF."""
+    data, anc, flags, _ = sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(maxfds * 4), socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, typ, cdata in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(cdata[: len(cdata) - (len(cdata) % a.itemsize)])
+            fds.extend(a)
+    if not data:
+        return b"", b"", fds
+    return data[:1], data[1:], fds
+
+
+def loads(payload: bytes) -> Any:
+    return json.loads(payload) if payload else None

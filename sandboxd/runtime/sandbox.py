@@ -1,0 +1,555 @@
+"""The three processes of one run, forked from the launcher.
+
+Theory of operation. The launcher is a single-threaded Python process, so fork() is safe and
+the child may run Python until execve. Per run:
+
+  launcher ──fork──> supervisor ──fork──> init (pid 1) ──fork──> workload ──execve──> program
+
+* supervisor (host side): drops supplementary groups, unshare(USER|PID) and forks init. The
+  launcher, still fully privileged, writes init's uid/gid map and puts init into the run's
+  cgroup, then releases it through the `go` pipe. The supervisor stays outside the cgroup (its
+  work is not charged to the workload) and runs the run's event loop: output pipes -> client
+  with caps, seccomp user notifications (denials reported by name), wall/CPU deadlines,
+  cancellation, and the final report to the launcher. Killing init kills the whole pid
+  namespace, so "kill the run" is one signal.
+* init: pid 1 of the run. Unshares mount, net, ipc, uts and cgroup namespaces (cgroup after
+  the cgroup placement, so the run sees its own cgroup as /), builds the root filesystem and
+  pivots into it, forks the workload, forwards signals, reaps orphans, and reports the
+  workload's wait status. When it exits the kernel kills everything left in the namespace, so
+  no background child outlives the run.
+* workload: the containment sequence in `contain_and_exec`, one screen, in order.
+
+Every channel is a CLOEXEC pipe or socket; each process closes what it does not need at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandboxd.errors import LaunchError, SandboxError
+from sandboxd.plan import Plan
+from sandboxd.runtime import caps, linux, mounts, protocol
+
+SYNC_FD = 3            # the workload's sync socket sits here; seccomp's sendmsg exception names it
+OUTPUT_CHUNK = 65536
+
+
+@dataclass
+class RunContext:
+    """Everything a run's processes need, made by the launcher and sent to the supervisor.
+
+    It travels pickled over the launcher's own socket to its own forked children (same code,
+    same trust), because a supervisor may have been forked before the run existed (a spare).
+    Only plain values cross; ctypes structures are built in init from them."""
+
+    plan: Plan
+    keep_caps: int
+    seccomp_compiled: Any = None        # seccomp.CompiledFilter; None: no filter
+    landlock_rules: Any = None          # landlock.LandlockRules; None: no Landlock
+    apparmor_exec: tuple[str, bytes] | None = None
+    root_mountpoint: str = "/run/sandboxd/root"   # from RuntimeConfig: a host detail, not the plan's
+    cgroup: Any = None                  # the run's RunCgroup; the supervisor polls its CPU time
+    host_ns: dict = field(default_factory=dict)
+    # Built in init (never pickled): what the workload child installs.
+    seccomp_prepared: Any = None
+    landlock_prepared: Any = None
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["seccomp_prepared"] = d["landlock_prepared"] = None
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# workload: the containment order. Each step's position matters; see the comments.
+# ---------------------------------------------------------------------------------------------
+def contain_and_exec(ctx: RunContext, sync: socket.socket) -> None:
+    """Runs in the workload process with stdio and the sync socket already in place (fds 0-3)."""
+    plan = ctx.plan
+    reset_signals()                                # Python ignores SIGPIPE and SIGXFSZ; programs must not
+    os.setsid()                                    # new session: no TIOCSTI into a terminal
+    try:
+        os.chdir(plan.cwd)
+    except OSError as e:
+        raise LaunchError("chdir to working directory", step="chdir", path=plan.cwd, errno=e.errno) from None
+    apply_rlimits(plan)                            # before caps: lowering needs nothing, raising is gone after
+    exe = resolve_executable(plan)                 # inside the new root, before seccomp narrows syscalls
+    caps.drop_to(ctx.keep_caps, plan.user.inside_uid, plan.user.inside_gid)
+    if ctx.apparmor_exec is not None:              # takes effect at execve; before Landlock, which
+        path, data = ctx.apparmor_exec             # makes /proc/self read-only
+        linux.write_file(path, data, step="apparmor")
+    linux.set_no_new_privs()                       # before Landlock and seccomp: both need it unprivileged,
+                                                   # and setuid binaries can no longer regain anything
+    landlock_att = None
+    if ctx.landlock_prepared is not None:          # after pivot_root: rules name paths of the new root
+        from sandboxd.runtime import landlock
+        landlock_att = landlock.apply(ctx.landlock_prepared)
+    att = {"status": _read("/proc/self/status"), "ns": _ns_ids(), "landlock": landlock_att}
+    listener = -1
+    if ctx.seccomp_prepared is not None:           # LAST: the filter need not allow our own setup
+        from sandboxd.runtime import seccomp
+        listener = seccomp.install_filter(ctx.seccomp_prepared)
+    # Hand the listener to the supervisor (sendmsg on SYNC_FD is the one syscall the compiler
+    # adds), then wait for its ACK: it reads the cgroup's CPU baseline before we exec.
+    protocol.send(sync, protocol.EXEC, att, fds=[listener] if listener >= 0 else ())
+    if os.read(SYNC_FD, 1) != protocol.ACK:
+        os._exit(126)
+    env = {k: v for k, v in plan.env}
+    try:
+        os.execve(exe, list(plan.argv), env)
+    except OSError as e:
+        raise LaunchError(f"execve {plan.argv[0]}", step="execve", path=exe, errno=e.errno) from None
+
+
+def place_fds(stdin_fd: int, out_fd: int, err_fd: int, sync_fd: int) -> socket.socket:
+    """stdin/stdout/stderr to 0-2, the sync socket to SYNC_FD, every other fd closed."""
+    import fcntl
+    # Move everything high first so no dup2 can clobber a source that sits on a low number.
+    hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in (stdin_fd, out_fd, err_fd, sync_fd)]
+    for i in range(3):
+        os.dup2(hi[i], i, inheritable=True)
+    os.dup2(hi[3], SYNC_FD, inheritable=False)
+    linux.close_fds_except((SYNC_FD,))             # nothing of ours leaks into the program
+    return socket.socket(fileno=SYNC_FD)
+
+
+def reset_signals() -> None:
+    """Default dispositions and an empty mask, as a program started from a shell expects.
+
+    Ignored signals survive execve: without this a workload inherits Python's SIG_IGN for
+    SIGPIPE (writers to a closed pipe spin on EPIPE) and SIGXFSZ (the file size limit would
+    become EFBIG instead of the signal the verdict relies on)."""
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass                                   # 32/33: glibc-reserved real-time signals
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def apply_rlimits(plan: Plan) -> None:
+    lim = plan.limits
+    items = [
+        (resource.RLIMIT_CORE, 0),                 # no core files: they leak memory contents and fill disks
+        (resource.RLIMIT_STACK, lim.stack_bytes),
+        (resource.RLIMIT_FSIZE, lim.file_size_bytes),
+        (resource.RLIMIT_NOFILE, lim.open_files),
+    ]
+    if lim.cpu_time_ms is not None:
+        # Backstop per process; the cgroup is the real CPU clock. SIGXCPU at soft, SIGKILL at hard.
+        soft = (lim.cpu_time_ms + lim.cpu_extra_ms) // 1000 + 1
+        items.append((resource.RLIMIT_CPU, soft))
+    if lim.address_space_bytes is not None:
+        items.append((resource.RLIMIT_AS, lim.address_space_bytes))
+    for res, val in items:
+        hard = val + 1 if res == resource.RLIMIT_CPU else val
+        try:
+            resource.setrlimit(res, (val, hard))
+        except (OSError, ValueError) as e:
+            raise LaunchError(f"setrlimit {res}={val}", step="rlimits",
+                              errno=getattr(e, "errno", None)) from None
+
+
+def resolve_executable(plan: Plan) -> str:
+    name = plan.argv[0]
+    if "/" in name:
+        return name
+    path = dict(plan.env).get("PATH", "/usr/bin:/bin")
+    for d in path.split(":"):
+        cand = os.path.join(d or ".", name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise LaunchError(f"executable {name!r} not found in PATH {path}", step="execve", path=name, errno=2)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _ns_ids() -> dict[str, str]:
+    out = {}
+    for ns in ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup"):
+        try:
+            out[ns] = os.readlink(f"/proc/self/ns/{ns}")
+        except OSError:
+            out[ns] = "?"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# init: pid 1 of the run
+# ---------------------------------------------------------------------------------------------
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)
+
+
+def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
+              sync_c: socket.socket) -> None:
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="init")
+    # Wait for the run. The launcher has written our uid/gid map and put us into the run's
+    # cgroup before the context arrives; EOF means this spare is retired.
+    kind, payload, fds = protocol.recv(isock)
+    if kind != protocol.CTX or len(fds) != 1:
+        os._exit(0)
+    stdin_fd = fds[0]
+    isock.close()
+    ctx: RunContext = pickle.loads(payload)
+    plan = ctx.plan
+    try:
+        # Become the workload's inside identity (mapped); keep every capability of this user
+        # namespace for the setup below. Files we create must have a mapped owner.
+        linux.prctl(linux.PR_SET_KEEPCAPS, 1, step="init")
+        os.setresgid(plan.user.inside_gid, plan.user.inside_gid, plan.user.inside_gid)
+        os.setresuid(plan.user.inside_uid, plan.user.inside_uid, plan.user.inside_uid)
+        full = (1 << (caps.last_cap() + 1)) - 1
+        linux.capset(full, full, 0)
+        flags = linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP
+        if plan.network.mode != "host":
+            flags |= linux.CLONE_NEWNET
+        linux.unshare(flags)                       # cgroup ns after the placement: the run's cgroup is its /
+        linux.sethostname(plan.hostname)
+        if plan.network.mode != "host":
+            linux.loopback_up()
+        mounts.build_root(plan.filesystem, ctx.root_mountpoint)
+        linux.prctl(linux.PR_SET_DUMPABLE, 0, step="init")  # the workload cannot ptrace or read /proc/1
+        if ctx.seccomp_compiled is not None:       # ctypes structures for the workload's last steps
+            from sandboxd.runtime import seccomp
+            ctx.seccomp_prepared = seccomp.prepare_install(ctx.seccomp_compiled)
+        if ctx.landlock_rules is not None:
+            from sandboxd.runtime import landlock
+            ctx.landlock_prepared = landlock.prepare(ctx.landlock_rules)
+    except SandboxError as e:
+        _report_error(sync_c, e)
+        os._exit(125)
+    except OSError as e:
+        _report_error(sync_c, LaunchError(str(e), step="init", errno=e.errno))
+        os._exit(125)
+
+    wpid = os.fork()
+    if wpid == 0:
+        sync = sync_c
+        try:
+            os.close(status_w)
+            sync = place_fds(stdin_fd, out_w, err_w, sync_c.fileno())
+            contain_and_exec(ctx, sync)
+        except SandboxError as e:
+            _report_error(sync, e)
+        except BaseException as e:  # noqa: BLE001 - the child must never return into the launcher's code
+            _report_error(sync, LaunchError(repr(e), step="workload"))
+        os._exit(127)
+    os.close(stdin_fd)
+    os.close(out_w)
+    os.close(err_w)
+    sync_c.close()
+
+    def forward(sig: int, _frame: Any) -> None:
+        try:
+            os.kill(wpid, sig)
+        except OSError:
+            pass
+    for s in FORWARDED_SIGNALS:
+        signal.signal(s, forward)
+    # Reap everything; report the workload's own status when it ends, then exit, which makes
+    # the kernel kill whatever is left in the pid namespace.
+    while True:
+        try:
+            pid, status, ru = os.wait4(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        if pid == wpid:
+            t_exit = time.monotonic_ns()
+            rep = {"wait_status": status, "utime": ru.ru_utime, "stime": ru.ru_stime,
+                   "maxrss_kb": ru.ru_maxrss, "t_exit_ns": t_exit}
+            os.write(status_w, json.dumps(rep).encode())
+            os._exit(0)
+
+
+def _report_error(sync: socket.socket, e: SandboxError) -> None:
+    try:
+        protocol.send(sync, protocol.ERROR, e.to_dict())
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# supervisor
+# ---------------------------------------------------------------------------------------------
+def supervisor_main(lsock: socket.socket) -> None:
+    """Runs in the fork of the launcher; never returns."""
+    code = 0
+    try:
+        code = _supervise(lsock)
+    except BaseException as e:  # noqa: BLE001
+        try:
+            err = e if isinstance(e, SandboxError) else LaunchError(repr(e), step="supervisor")
+            protocol.send(lsock, protocol.REPORT, {"launch_error": err.to_dict()})
+        except OSError:
+            pass
+        code = 1
+    os._exit(code)
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.kill_reason: str | None = None
+        self.denials: dict[str, list] = {}
+        self.truncated = {"stdout": False, "stderr": False}
+        self.counts = {"stdout": 0, "stderr": 0}
+        self.launch_error: dict | None = None
+        self.attestation: dict = {}
+        self.t_exec_ns: int | None = None
+        self.cpu_base_ns: int | None = None
+        self.workload: dict | None = None
+        self.cancelled = False
+
+
+def _supervise(lsock: socket.socket) -> int:
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="supervisor")
+    if os.geteuid() == 0:
+        os.setgroups([])                           # host root's groups must not follow into the sandbox
+    linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWPID)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    sync_p, sync_c = protocol.seqpacket_pair()
+    sync_p.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)   # learn the workload's host pid
+    isock_p, isock_c = protocol.seqpacket_pair()
+
+    ipid = os.fork()
+    if ipid == 0:
+        try:
+            lsock.close()
+            isock_p.close()
+            for fd in (out_r, err_r, status_r):
+                os.close(fd)
+            sync_p.close()
+            init_main(isock_c, out_w, err_w, status_w, sync_c)
+        finally:
+            os._exit(124)
+    for fd in (out_w, err_w, status_w):
+        os.close(fd)
+    sync_c.close()
+    isock_c.close()
+    pidfd = linux.pidfd_open(ipid)
+    protocol.send(lsock, protocol.FORKED, {"init_pid": ipid})
+
+    # Ready. Wait for a run (a spare may wait long); EOF: retired, and init dies with us.
+    kind, payload, fds = protocol.recv(lsock)
+    if kind != protocol.CTX or len(fds) != 2:
+        return 0
+    run_sock = socket.socket(fileno=fds[0])
+    stdin_fd = fds[1]
+    ctx: RunContext = pickle.loads(payload)
+    protocol.send(isock_p, protocol.CTX, payload, fds=[stdin_fd])
+    os.close(stdin_fd)
+    isock_p.close()
+    plan = ctx.plan
+    lim = plan.limits
+
+    st = _Run()
+    sel = selectors.DefaultSelector()
+    streams = {out_r: ("stdout", protocol.OUT1, lim.stdout_bytes), err_r: ("stderr", protocol.OUT2, lim.stderr_bytes)}
+    for fd in streams:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ, "pipe")
+    sel.register(status_r, selectors.EVENT_READ, "status")
+    sel.register(sync_p, selectors.EVENT_READ, "sync")
+    sel.register(run_sock, selectors.EVENT_READ, "client")
+    sel.register(pidfd, selectors.EVENT_READ, "init")
+    listener = -1
+    open_pipes = set(streams)
+    init_done = False
+    wall_deadline: float | None = None
+    cpu_next: float | None = None
+    cpu_limit_ns = None if lim.cpu_time_ms is None else (lim.cpu_time_ms + lim.cpu_extra_ms) * 1_000_000
+    ncpu = max(1, len(os.sched_getaffinity(0)))
+    status_buf = b""
+
+    def kill(reason: str) -> None:
+        if st.kill_reason is None:
+            st.kill_reason = reason
+        linux.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+    def cpu_used() -> int:
+        if ctx.cgroup is None or st.cpu_base_ns is None:
+            return 0
+        return ctx.cgroup.cpu_usage_ns() - st.cpu_base_ns
+
+    while not (init_done and not open_pipes):
+        now = time.monotonic()
+        timeout = None
+        for d in (wall_deadline, cpu_next):
+            if d is not None:
+                timeout = max(0.0, d - now) if timeout is None else min(timeout, max(0.0, d - now))
+        for key, _ev in sel.select(timeout):
+            tag = key.data
+            if tag == "pipe":
+                fd = key.fd
+                name, kind, cap = streams[fd]
+                try:
+                    chunk = os.read(fd, OUTPUT_CHUNK)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    sel.unregister(fd)
+                    open_pipes.discard(fd)
+                    continue
+                room = cap - st.counts[name]
+                if len(chunk) > room:
+                    chunk = chunk[:max(0, room)]
+                    st.truncated[name] = True
+                    if plan.output_limit_action == "kill":
+                        kill("OUTPUT_LIMIT")
+                st.counts[name] += len(chunk)
+                if chunk:
+                    try:
+                        protocol.send(run_sock, kind, chunk)
+                    except OSError:
+                        st.cancelled = True
+                        kill("CANCELLED")
+            elif tag == "status":
+                data = os.read(status_r, 4096)
+                if data:
+                    status_buf += data
+                else:
+                    sel.unregister(status_r)
+                    if status_buf:
+                        st.workload = json.loads(status_buf)
+            elif tag == "sync":
+                more = _on_sync(ctx, sync_p, st, lsock)
+                if st.t_exec_ns is not None and wall_deadline is None:
+                    wall_deadline = time.monotonic() + lim.wall_time_ms / 1000.0
+                    cpu_next = time.monotonic() if cpu_limit_ns is not None else None
+                if st.attestation.get("_listener", -1) >= 0:
+                    listener = st.attestation.pop("_listener")
+                    sel.register(listener, selectors.EVENT_READ, "notify")
+                if not more:
+                    # EOF: the workload exec'd (the socket is CLOEXEC) or died. An execve that
+                    # fails after EXEC still reports on this socket first.
+                    sel.unregister(sync_p)
+            elif tag == "notify":
+                if not _on_notify(ctx, listener, st, kill):
+                    sel.unregister(listener)
+                    os.close(listener)
+                    listener = -1
+            elif tag == "client":
+                try:
+                    kind, _, fds = protocol.recv(run_sock)
+                except OSError:
+                    kind = b""
+                if kind == protocol.CANCEL or kind == b"":
+                    st.cancelled = True
+                    kill("CANCELLED")
+                    sel.unregister(run_sock)
+            elif tag == "init":
+                _, status = os.waitpid(ipid, 0)
+                st.attestation["init_wait_status"] = status
+                sel.unregister(pidfd)
+                init_done = True
+        now = time.monotonic()
+        if wall_deadline is not None and now >= wall_deadline and not init_done:
+            kill("WALL_TIME_LIMIT")
+            wall_deadline = None
+        if cpu_next is not None and now >= cpu_next and not init_done:
+            used = cpu_used()
+            if used >= cpu_limit_ns:
+                kill("TIME_LIMIT")
+                cpu_next = None
+            else:
+                # Next look when the remaining budget could be gone if every CPU were spinning.
+                cpu_next = now + min(0.1, max(0.002, (cpu_limit_ns - used) / 1e9 / ncpu))
+    # status pipe may still hold the report if init exited right after writing it
+    if st.workload is None:
+        try:
+            data = status_buf + os.read(status_r, 4096)
+            if data:
+                st.workload = json.loads(data)
+        except (OSError, ValueError):
+            pass
+    report = {
+        "launch_error": st.launch_error,
+        "kill_reason": st.kill_reason,
+        "cancelled": st.cancelled,
+        "workload": st.workload,
+        "t_exec_ns": st.t_exec_ns,
+        "cpu_base_ns": st.cpu_base_ns,
+        "denials": st.denials,
+        "truncated": st.truncated,
+        "attestation": st.attestation,
+    }
+    protocol.send(lsock, protocol.REPORT, report)
+    return 0
+
+
+def _on_sync(ctx: RunContext, sync_p: socket.socket, st: _Run, lsock: socket.socket) -> bool:
+    """One message from init or the workload; False at EOF."""
+    data, anc, _flags, _ = sync_p.recvmsg(protocol.MAX_FRAME, socket.CMSG_SPACE(16) + socket.CMSG_SPACE(12),
+                                          socket.MSG_CMSG_CLOEXEC)
+    if not data:
+        if st.t_exec_ns is None and st.launch_error is None:
+            st.launch_error = LaunchError("sandbox setup ended without a report", step="init").to_dict()
+        return False
+    fds: list[int] = []
+    wpid = None
+    for level, typ, cdata in anc:
+        if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(cdata) // 4}i", cdata[: len(cdata) // 4 * 4]))
+        elif level == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS:
+            wpid = struct.unpack("iII", cdata[:12])[0]
+    kind, payload = data[:1], data[1:]
+    if kind == protocol.ERROR:
+        st.launch_error = json.loads(payload)
+        return True
+    if kind != protocol.EXEC:
+        return True
+    att = json.loads(payload)
+    if wpid:
+        # Read back what the kernel says of the workload, from outside it, while it waits.
+        status = _read(f"/proc/{wpid}/status")
+        att["status_outside"] = status
+    st.attestation.update(att)
+    st.attestation["_listener"] = fds[0] if fds else -1
+    if ctx.cgroup is not None:
+        st.cpu_base_ns = ctx.cgroup.cpu_usage_ns()
+    st.t_exec_ns = time.monotonic_ns()
+    sync_p.send(protocol.ACK)
+    return True
+
+
+def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
+    """One seccomp notification: record the syscall by name, then do what the profile said."""
+    from sandboxd.runtime import seccomp
+    try:
+        n = seccomp.recv_notification(listener)
+    except OSError:
+        return False
+    action, err = ctx.seccomp_compiled.action_for(n.nr)
+    name = seccomp.syscall_name(n.nr, n.arch)
+    entry = st.denials.setdefault(name, [0, action])
+    entry[0] += 1
+    if action == "kill":
+        kill("SYSCALL_DENIED")
+        return True
+    try:
+        seccomp.respond(listener, n.id, error=err)
+    except OSError:
+        pass   # the caller died meanwhile
+    return True
