@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandboxd.errors import HostCapabilityError, LaunchError, PlanError, SandboxError
-from sandboxd.plan import Plan, Result, Status, DeniedSyscall
+from sandboxd.plan import DeniedSyscall, Limits, Plan, Result, Status
 from sandboxd.runtime import caps, hostinfo, linux, protocol, sandbox
 from sandboxd.runtime.config import RuntimeConfig
 
@@ -47,9 +47,11 @@ class _Sup:
     stack: contextlib.ExitStack          # the supervisor's resources, then the run's, released together
     host_uid: int
     host_gid: int
-    inside: tuple[int, int]              # (uid, gid) inside: fixed once the map is written
+    key: tuple[int, int, bool]           # (inside uid, inside gid, own netns): fixed at spawn
+    cgroup: Any                          # made at spawn with no limits; the run's limits come later
     maps: tuple[str, str] = ("", "")     # the uid_map and gid_map lines written
-    init_pid: int | None = None          # set by FORKED; then the maps are written
+    init_pid: int | None = None          # set by FORKED
+    placed: bool = False                 # init mapped and in its cgroup: ready for a run
     run: "_RunState | None" = None
     exited: bool = False
     t_spawn: float = field(default_factory=time.monotonic)
@@ -63,8 +65,6 @@ class _RunState:
     run_sock: socket.socket
     stdin_fd: int
     cgroup: Any
-    uid_map: str = ""
-    gid_map: str = ""
     report: dict | None = None
     dispatched: bool = False
     completed: bool = False
@@ -77,6 +77,11 @@ class _RunState:
         if self.stdin_fd >= 0:
             fd, self.stdin_fd = self.stdin_fd, -1
             os.close(fd)
+
+
+# A spare's cgroup is made with no limits; the run's limits are written when it is taken (in the
+# order a fresh cgroup takes them, so v1's memsw >= memory rule holds).
+SPARE_LIMITS = Limits(cpu_time_ms=None, memory_bytes=None, pids=None, cpu_quota=None, cpuset=None)
 
 
 class IdPool:
@@ -114,6 +119,7 @@ class Launcher:
         self.host_ns = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in
                         ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")}
         self._seccomp_cache: dict[tuple, Any] = {}
+        self._spawned = 0
 
     # -- main loop -----------------------------------------------------------------------------
     def serve(self) -> None:
@@ -143,10 +149,12 @@ class Launcher:
     def _idle_spares(self) -> list[_Sup]:
         return [s for s in self.sups.values() if s.run is None and not s.exited]
 
+    DEFAULT_KEY = (1000, 1000, True)   # the default plan's inside ids, with its own netns
+
     def _replenish(self) -> None:
         if len(self._idle_spares()) < self.config.prefork:
             try:
-                self._spawn((1000, 1000))
+                self._spawn(self.DEFAULT_KEY)
             except SandboxError as e:
                 print(f"sandboxd-launcher: cannot make a spare: {e}", file=sys.stderr)
 
@@ -182,8 +190,13 @@ class Launcher:
         return True
 
     # -- supervisors ---------------------------------------------------------------------------
-    def _spawn(self, inside: tuple[int, int]) -> _Sup:
-        """Fork a supervisor (which unshares USER|PID and forks init); it then waits for a run."""
+    def _spawn(self, key: tuple[int, int, bool]) -> _Sup:
+        """Fork a supervisor (which unshares USER|PID and forks init) with an empty cgroup.
+
+        Everything here is independent of the run, so it happens ahead of time for spares:
+        the forks, the cgroup (v1 moves cost an RCU grace period each), the id maps, the
+        namespaces. A run then only sets its limits and hands over its context."""
+        self._spawned += 1
         stack = contextlib.ExitStack()
         try:
             if self.pool is not None:
@@ -192,6 +205,8 @@ class Launcher:
                 gid = uid
             else:
                 uid, gid = os.geteuid(), os.getegid()
+            cg = self.cgroups.create(f"{os.getpid()}-{self._spawned}", SPARE_LIMITS)
+            stack.callback(cg.remove)
             lsock_l, lsock_p = protocol.seqpacket_pair()
             stack.callback(lsock_l.close)
             pid = os.fork()
@@ -208,7 +223,7 @@ class Launcher:
             stack.close()
             raise
         sup = _Sup(pid=pid, pidfd=pidfd, lsock=lsock_l, stack=stack, host_uid=uid, host_gid=gid,
-                   inside=inside)
+                   key=key, cgroup=cg)
         self.sups[pid] = sup
         self.sel.register(lsock_l, selectors.EVENT_READ, ("lsock", sup))
         self.sel.register(pidfd, selectors.EVENT_READ, ("pidfd", sup))
@@ -216,10 +231,10 @@ class Launcher:
         stack.callback(self._unregister, lsock_l)
         return sup
 
-    def _take_spare(self, inside: tuple[int, int]) -> _Sup:
-        ready = [s for s in self._idle_spares() if s.inside == inside]
-        ready.sort(key=lambda s: (s.init_pid is None, s.t_spawn))   # mapped ones first
-        return ready[0] if ready else self._spawn(inside)
+    def _take_spare(self, key: tuple[int, int, bool]) -> _Sup:
+        ready = [s for s in self._idle_spares() if s.key == key]
+        ready.sort(key=lambda s: (not s.placed, s.t_spawn))   # ready ones first, oldest first
+        return ready[0] if ready else self._spawn(key)
 
     # -- one run -------------------------------------------------------------------------------
     def _start(self, plan_dict: dict, run_sock: socket.socket, stdin_fd: int) -> None:
@@ -238,31 +253,31 @@ class Launcher:
         seccomp_info = self._prepare_seccomp(plan, ctx)
         landlock_info = self._prepare_landlock(plan, ctx)
         self._prepare_apparmor(plan, ctx)
-        sup = self._take_spare((plan.user.inside_uid, plan.user.inside_gid))
+        sup = self._take_spare((plan.user.inside_uid, plan.user.inside_gid, plan.network.mode != "host"))
         run_id = plan.run_id or f"{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            cg = self.cgroups.create(run_id, plan.limits)
-        except BaseException:
-            self._retire(sup)
-            raise
-        sup.stack.callback(cg.remove)
+        cg = sup.cgroup
         ctx.cgroup = cg
         run = _RunState(run_id=run_id, plan=plan, ctx=ctx, run_sock=run_sock, stdin_fd=stdin_fd,
                         cgroup=cg, seccomp_info=seccomp_info, landlock_info=landlock_info)
         sup.run = run
         sup.stack.callback(run.release_stdin)   # by reference: the fd may be handed over earlier
-        run.cgroup_readback = cg.readback()
-        if plan.filesystem.work_host_path:
-            os.chown(plan.filesystem.work_host_path, sup.host_uid, sup.host_gid)
-        if sup.init_pid is not None:
+        try:
+            run.cgroup_readback = self.cgroups.retune(cg, plan.limits)
+            if plan.filesystem.work_host_path:
+                os.chown(plan.filesystem.work_host_path, sup.host_uid, sup.host_gid)
+        except BaseException:
+            sup.run = None
+            run.release_stdin()
+            self._retire(sup)
+            raise
+        if sup.placed:
             self._dispatch(sup)
 
     def _dispatch(self, sup: _Sup) -> None:
-        """Init is mapped and waiting: put it in the run's cgroup, then hand over the run."""
+        """Init is mapped, in the cgroup and waiting: hand over the run."""
         run = sup.run
-        assert run is not None and sup.init_pid is not None
+        assert run is not None and sup.placed
         try:
-            run.cgroup.add_pid(sup.init_pid)
             protocol.send(sup.lsock, protocol.CTX, pickle.dumps(run.ctx, protocol=pickle.HIGHEST_PROTOCOL),
                           fds=[run.run_sock.fileno(), run.stdin_fd])
         except (SandboxError, OSError) as e:
@@ -340,14 +355,19 @@ class Launcher:
             ipid = protocol.loads(payload)["init_pid"]
             try:
                 self._map(sup, ipid)
-            except SandboxError as e:
+                sup.cgroup.add_pid(ipid)       # before init runs any step of its own
+                uid, gid, net = sup.key
+                protocol.send(sup.lsock, protocol.PLACED, {"uid": uid, "gid": gid, "net": net})
+            except (SandboxError, OSError) as e:
+                err = e if isinstance(e, SandboxError) else LaunchError(str(e), step="place", errno=e.errno)
                 if sup.run is not None:
-                    sup.run.report = {"launch_error": e.to_dict()}
+                    sup.run.report = {"launch_error": err.to_dict()}
                 else:
-                    print(f"sandboxd-launcher: spare failed: {e}", file=sys.stderr)
+                    print(f"sandboxd-launcher: spare failed: {err}", file=sys.stderr)
                 linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
                 return
             sup.init_pid = ipid
+            sup.placed = True
             if sup.run is not None:
                 self._dispatch(sup)
         elif kind == protocol.REPORT:
@@ -366,8 +386,8 @@ class Launcher:
 
     def _map(self, sup: _Sup, ipid: int) -> None:
         """Write init's uid/gid map: inside id -> this supervisor's host id, one id each."""
-        uid_map = f"{sup.inside[0]} {sup.host_uid} 1\n"
-        gid_map = f"{sup.inside[1]} {sup.host_gid} 1\n"
+        uid_map = f"{sup.key[0]} {sup.host_uid} 1\n"
+        gid_map = f"{sup.key[1]} {sup.host_gid} 1\n"
         if self.idmode == "newuidmap":
             import subprocess  # only here: importing it pulls in threading, which slows every fork
             for tool, line in (("newuidmap", uid_map), ("newgidmap", gid_map)):

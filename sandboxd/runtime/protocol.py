@@ -9,8 +9,9 @@ Frames
   launcher/supervisor -> client (run)  OUT1/OUT2 output chunks, RESULT/ERROR JSON at the end
   client -> supervisor (run socket)    CANCEL
   supervisor -> launcher               FORKED {"init_pid"}, REPORT {...} at the end
+  launcher -> supervisor -> init       PLACED {"uid","gid","net"}: mapped and in the cgroup
   launcher -> supervisor               CTX pickled RunContext, fds [run socket, stdin]
-  supervisor -> init                   CTX the same bytes, fds [stdin]
+  supervisor -> init -> workload       CTX the same bytes, fds [stdin]
   workload -> supervisor (sync)        EXEC {attestation} + [seccomp listener fd], ERROR {...}
   supervisor -> workload (sync)        ACK
 """
@@ -35,6 +36,7 @@ EXEC = b"X"
 ACK = b"A"
 STATUS = b"S"
 CTX = b"K"
+PLACED = b"L"
 
 MAX_FRAME = 1 << 17
 

@@ -38,7 +38,11 @@ from typing import Any
 
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.plan import Plan
-from sandboxd.runtime import caps, linux, mounts, protocol
+from sandboxd.runtime import caps, landlock, linux, mounts, protocol, seccomp
+
+# Everything the children use is imported here, in the launcher: after pivot_root the package's
+# files are out of reach, so a child can import nothing.
+import fcntl  # noqa: E402,F401  (place_fds)
 
 SYNC_FD = 3            # the workload's sync socket sits here; seccomp's sendmsg exception names it
 OUTPUT_CHUNK = 65536
@@ -92,12 +96,10 @@ def contain_and_exec(ctx: RunContext, sync: socket.socket) -> None:
                                                    # and setuid binaries can no longer regain anything
     landlock_att = None
     if ctx.landlock_prepared is not None:          # after pivot_root: rules name paths of the new root
-        from sandboxd.runtime import landlock
         landlock_att = landlock.apply(ctx.landlock_prepared)
     att = {"status": _read("/proc/self/status"), "ns": _ns_ids(), "landlock": landlock_att}
     listener = -1
     if ctx.seccomp_prepared is not None:           # LAST: the filter need not allow our own setup
-        from sandboxd.runtime import seccomp
         listener = seccomp.install_filter(ctx.seccomp_prepared)
     # Hand the listener to the supervisor (sendmsg on SYNC_FD is the one syscall the compiler
     # adds), then wait for its ACK: it reads the cgroup's CPU baseline before we exec.
@@ -113,7 +115,6 @@ def contain_and_exec(ctx: RunContext, sync: socket.socket) -> None:
 
 def place_fds(stdin_fd: int, out_fd: int, err_fd: int, sync_fd: int) -> socket.socket:
     """stdin/stdout/stderr to 0-2, the sync socket to SYNC_FD, every other fd closed."""
-    import fcntl
     # Move everything high first so no dup2 can clobber a source that sits on a low number.
     hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in (stdin_fd, out_fd, err_fd, sync_fd)]
     for i in range(3):
@@ -201,9 +202,50 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 
 def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
               sync_c: socket.socket) -> None:
+    """pid 1 of the run. Phase A runs ahead of time (a spare): everything that does not depend
+    on the plan. Phase B runs when the run's context arrives."""
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="init")
-    # Wait for the run. The launcher has written our uid/gid map and put us into the run's
-    # cgroup before the context arrives; EOF means this spare is retired.
+    # -- phase A: the launcher has written our uid/gid map and put us in our cgroup. EOF at any
+    # wait below means this spare was retired.
+    kind, payload, _ = protocol.recv(isock)
+    if kind != protocol.PLACED:
+        os._exit(0)
+    setup = json.loads(payload)
+    wsock_i, wsock_w = protocol.seqpacket_pair()
+    try:
+        # Become the workload's inside identity (mapped); keep every capability of this user
+        # namespace for the setup below. Files we create must have a mapped owner.
+        linux.prctl(linux.PR_SET_KEEPCAPS, 1, step="init")
+        os.setresgid(setup["gid"], setup["gid"], setup["gid"])
+        os.setresuid(setup["uid"], setup["uid"], setup["uid"])
+        full = (1 << (caps.last_cap() + 1)) - 1
+        linux.capset(full, full, 0)
+        flags = linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP
+        if setup["net"]:
+            flags |= linux.CLONE_NEWNET
+        linux.unshare(flags)                       # cgroup ns after the placement: the run's cgroup is its /
+        if setup["net"]:
+            linux.loopback_up()
+        os.chdir("/")                              # so pivot_root moves our cwd (and the workload's) too
+    except SandboxError as e:
+        _report_error(sync_c, e)
+        os._exit(125)
+    except OSError as e:
+        _report_error(sync_c, LaunchError(str(e), step="init", errno=e.errno))
+        os._exit(125)
+    # The workload process is forked now, sharing every namespace; pivot_root below moves its
+    # root and cwd with ours. It waits for the context.
+    wpid = os.fork()
+    if wpid == 0:
+        isock.close()
+        wsock_i.close()
+        os.close(status_w)
+        workload_main(wsock_w, out_w, err_w, sync_c)
+    wsock_w.close()
+    os.close(out_w)
+    os.close(err_w)
+
+    # -- phase B: the run.
     kind, payload, fds = protocol.recv(isock)
     if kind != protocol.CTX or len(fds) != 1:
         os._exit(0)
@@ -212,50 +254,18 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
     ctx: RunContext = pickle.loads(payload)
     plan = ctx.plan
     try:
-        # Become the workload's inside identity (mapped); keep every capability of this user
-        # namespace for the setup below. Files we create must have a mapped owner.
-        linux.prctl(linux.PR_SET_KEEPCAPS, 1, step="init")
-        os.setresgid(plan.user.inside_gid, plan.user.inside_gid, plan.user.inside_gid)
-        os.setresuid(plan.user.inside_uid, plan.user.inside_uid, plan.user.inside_uid)
-        full = (1 << (caps.last_cap() + 1)) - 1
-        linux.capset(full, full, 0)
-        flags = linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP
-        if plan.network.mode != "host":
-            flags |= linux.CLONE_NEWNET
-        linux.unshare(flags)                       # cgroup ns after the placement: the run's cgroup is its /
         linux.sethostname(plan.hostname)
-        if plan.network.mode != "host":
-            linux.loopback_up()
         mounts.build_root(plan.filesystem, ctx.root_mountpoint)
         linux.prctl(linux.PR_SET_DUMPABLE, 0, step="init")  # the workload cannot ptrace or read /proc/1
-        if ctx.seccomp_compiled is not None:       # ctypes structures for the workload's last steps
-            from sandboxd.runtime import seccomp
-            ctx.seccomp_prepared = seccomp.prepare_install(ctx.seccomp_compiled)
-        if ctx.landlock_rules is not None:
-            from sandboxd.runtime import landlock
-            ctx.landlock_prepared = landlock.prepare(ctx.landlock_rules)
     except SandboxError as e:
         _report_error(sync_c, e)
         os._exit(125)
     except OSError as e:
         _report_error(sync_c, LaunchError(str(e), step="init", errno=e.errno))
         os._exit(125)
-
-    wpid = os.fork()
-    if wpid == 0:
-        sync = sync_c
-        try:
-            os.close(status_w)
-            sync = place_fds(stdin_fd, out_w, err_w, sync_c.fileno())
-            contain_and_exec(ctx, sync)
-        except SandboxError as e:
-            _report_error(sync, e)
-        except BaseException as e:  # noqa: BLE001 - the child must never return into the launcher's code
-            _report_error(sync, LaunchError(repr(e), step="workload"))
-        os._exit(127)
+    protocol.send(wsock_i, protocol.CTX, payload, fds=[stdin_fd])
     os.close(stdin_fd)
-    os.close(out_w)
-    os.close(err_w)
+    wsock_i.close()
     sync_c.close()
 
     def forward(sig: int, _frame: Any) -> None:
@@ -280,6 +290,27 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
                    "maxrss_kb": ru.ru_maxrss, "t_exit_ns": t_exit}
             os.write(status_w, json.dumps(rep).encode())
             os._exit(0)
+
+
+def workload_main(wsock: socket.socket, out_w: int, err_w: int, sync_c: socket.socket) -> None:
+    """The workload process until execve; never returns."""
+    sync = sync_c
+    try:
+        kind, payload, fds = protocol.recv(wsock)
+        if kind != protocol.CTX or len(fds) != 1:
+            os._exit(0)
+        ctx: RunContext = pickle.loads(payload)
+        if ctx.seccomp_compiled is not None:       # ctypes structures for the last steps
+            ctx.seccomp_prepared = seccomp.prepare_install(ctx.seccomp_compiled)
+        if ctx.landlock_rules is not None:
+            ctx.landlock_prepared = landlock.prepare(ctx.landlock_rules)
+        sync = place_fds(fds[0], out_w, err_w, sync_c.fileno())
+        contain_and_exec(ctx, sync)
+    except SandboxError as e:
+        _report_error(sync, e)
+    except BaseException as e:  # noqa: BLE001 - the child must never return into the launcher's code
+        _report_error(sync, LaunchError(repr(e), step="workload"))
+    os._exit(127)
 
 
 def _report_error(sync: socket.socket, e: SandboxError) -> None:
@@ -350,6 +381,12 @@ def _supervise(lsock: socket.socket) -> int:
     isock_c.close()
     pidfd = linux.pidfd_open(ipid)
     protocol.send(lsock, protocol.FORKED, {"init_pid": ipid})
+    # The launcher maps init's ids and places it in its cgroup, then says PLACED: init may go
+    # on with what does not depend on the run (namespaces, the workload's fork).
+    kind, payload, _ = protocol.recv(lsock)
+    if kind != protocol.PLACED:
+        return 0
+    protocol.send(isock_p, protocol.PLACED, payload)
 
     # Ready. Wait for a run (a spare may wait long); EOF: retired, and init dies with us.
     kind, payload, fds = protocol.recv(lsock)
@@ -536,7 +573,6 @@ def _on_sync(ctx: RunContext, sync_p: socket.socket, st: _Run, lsock: socket.soc
 
 def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
     """One seccomp notification: record the syscall by name, then do what the profile said."""
-    from sandboxd.runtime import seccomp
     try:
         n = seccomp.recv_notification(listener)
     except OSError:
