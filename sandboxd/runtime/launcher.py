@@ -115,7 +115,14 @@ class Launcher:
         self.cgroups = cgroups.CgroupManager.detect(root=config.cgroup_root, instance=config.instance)
         self.host["cgroups"] = self.cgroups.info()
         self.host["cgroups"]["stale_removed"] = self.cgroups.cleanup_stale()
-        os.makedirs(config.root_mountpoint, exist_ok=True)
+        try:
+            os.makedirs(config.root_mountpoint, exist_ok=True)
+            # Init mounts the run's root here as the run's own host uid: it must reach it.
+            os.chmod(config.root_mountpoint, 0o755)
+        except OSError as e:
+            raise HostCapabilityError("cannot create the root mountpoint", step="launcher",
+                                      path=config.root_mountpoint, errno=e.errno,
+                                      hint="set RuntimeConfig.root_mountpoint to a directory this user can create") from None
         self.host_ns = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in
                         ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")}
         self._seccomp_cache: dict[tuple, Any] = {}
