@@ -10,7 +10,7 @@ want_test=0
 for a in "$@"; do [ "$a" = "--test" ] && want_test=1; done
 
 apt_pkgs=(python3 python3-venv python3-dev libseccomp2 uidmap iproute2 nftables
-          apparmor python3-libapparmor bubblewrap gcc libc6-dev)
+          apparmor python3-libapparmor bubblewrap gcc g++ libc6-dev)
 if [ "$want_test" = 1 ]; then
   apt_pkgs+=(qemu-system-x86 busybox-static)
 fi

@@ -583,7 +583,7 @@ def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
     entry[0] += 1
     if action == "kill":
         kill("SYSCALL_DENIED")
-        return True
+        err = 1      # and fail the call, so nothing depends on how fast the kill lands
     try:
         seccomp.respond(listener, n.id, error=err)
     except OSError:
