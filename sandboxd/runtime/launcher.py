@@ -127,10 +127,21 @@ class Launcher:
                         ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")}
         self._seccomp_cache: dict[tuple, Any] = {}
         self._spawned = 0
+        self._worker_pending = 0
+        self.worker, wsock = protocol.seqpacket_pair()
+        self.worker_pid = os.fork()
+        if self.worker_pid == 0:
+            try:
+                linux.close_fds_except((wsock.fileno(),))
+                host_worker(wsock, self.cgroups, self.idmode)
+            finally:
+                os._exit(1)
+        wsock.close()
 
     # -- main loop -----------------------------------------------------------------------------
     def serve(self) -> None:
         self.sel.register(self.ctl, selectors.EVENT_READ, ("ctl", None))
+        self.sel.register(self.worker, selectors.EVENT_READ, ("worker", None))
         protocol.send(self.ctl, protocol.GO, {"host": self.host})
         while True:
             events = self.sel.select(self._next_timeout())
@@ -144,6 +155,8 @@ class Launcher:
                     self._on_lsock(sup)
                 elif tag == "pidfd":
                     self._on_exit(sup)
+                elif tag == "worker":
+                    self._on_worker()
             self._check_stuck()
             if not events:
                 self._replenish()      # spares are made when nothing else is waiting
@@ -208,12 +221,13 @@ class Launcher:
         try:
             if self.pool is not None:
                 uid = self.pool.acquire()
-                stack.callback(self.pool.release, uid)
                 gid = uid
             else:
                 uid, gid = os.geteuid(), os.getegid()
-            cg = self.cgroups.create(f"{os.getpid()}-{self._spawned}", SPARE_LIMITS)
-            stack.callback(cg.remove)
+            holder: list[_Sup] = []
+            # Last out: the host id is free again only once the cgroup is gone (nothing of the
+            # run can still be running under it).
+            stack.callback(lambda: self._release_host(holder[0] if holder else None, uid))
             lsock_l, lsock_p = protocol.seqpacket_pair()
             stack.callback(lsock_l.close)
             pid = os.fork()
@@ -230,13 +244,22 @@ class Launcher:
             stack.close()
             raise
         sup = _Sup(pid=pid, pidfd=pidfd, lsock=lsock_l, stack=stack, host_uid=uid, host_gid=gid,
-                   key=key, cgroup=cg)
+                   key=key, cgroup=None)
+        holder.append(sup)
         self.sups[pid] = sup
         self.sel.register(lsock_l, selectors.EVENT_READ, ("lsock", sup))
         self.sel.register(pidfd, selectors.EVENT_READ, ("pidfd", sup))
         stack.callback(self._unregister, pidfd)
         stack.callback(self._unregister, lsock_l)
         return sup
+
+    def _release_host(self, sup: "_Sup | None", uid: int) -> None:
+        cg = sup.cgroup if sup is not None else None
+        if cg is None:
+            if self.pool is not None:
+                self.pool.release(uid)
+            return
+        self._worker_send(protocol.REMOVE, {"cg": cg, "uid": uid})
 
     def _take_spare(self, key: tuple[int, int, bool]) -> _Sup:
         ready = [s for s in self._idle_spares() if s.key == key]
@@ -262,21 +285,16 @@ class Launcher:
         self._prepare_apparmor(plan, ctx)
         sup = self._take_spare((plan.user.inside_uid, plan.user.inside_gid, plan.network.mode != "host"))
         run_id = plan.run_id or f"{os.getpid()}-{time.monotonic_ns()}"
-        cg = sup.cgroup
-        ctx.cgroup = cg
         run = _RunState(run_id=run_id, plan=plan, ctx=ctx, run_sock=run_sock, stdin_fd=stdin_fd,
-                        cgroup=cg, seccomp_info=seccomp_info, landlock_info=landlock_info)
+                        cgroup=None, seccomp_info=seccomp_info, landlock_info=landlock_info)
         sup.run = run
         sup.stack.callback(run.release_stdin)   # by reference: the fd may be handed over earlier
-        try:
-            run.cgroup_readback = self.cgroups.retune(cg, plan.limits)
-            if plan.filesystem.work_host_path:
+        if plan.filesystem.work_host_path:
+            try:
                 os.chown(plan.filesystem.work_host_path, sup.host_uid, sup.host_gid)
-        except BaseException:
-            sup.run = None
-            run.release_stdin()
-            self._retire(sup)
-            raise
+            except OSError as e:
+                raise LaunchError("give the work directory to the run's uid", step="work_dir",
+                                  path=plan.filesystem.work_host_path, errno=e.errno) from None
         if sup.placed:
             self._dispatch(sup)
 
@@ -285,6 +303,8 @@ class Launcher:
         run = sup.run
         assert run is not None and sup.placed
         try:
+            run.cgroup = run.ctx.cgroup = sup.cgroup
+            run.cgroup_readback = self.cgroups.retune(sup.cgroup, run.plan.limits)
             protocol.send(sup.lsock, protocol.CTX, pickle.dumps(run.ctx, protocol=pickle.HIGHEST_PROTOCOL),
                           fds=[run.run_sock.fileno(), run.stdin_fd])
         except (SandboxError, OSError) as e:
@@ -359,24 +379,15 @@ class Launcher:
         except OSError:
             kind, payload = b"", b""
         if kind == protocol.FORKED:
-            ipid = protocol.loads(payload)["init_pid"]
-            try:
-                self._map(sup, ipid)
-                sup.cgroup.add_pid(ipid)       # before init runs any step of its own
-                uid, gid, net = sup.key
-                protocol.send(sup.lsock, protocol.PLACED, {"uid": uid, "gid": gid, "net": net})
-            except (SandboxError, OSError) as e:
-                err = e if isinstance(e, SandboxError) else LaunchError(str(e), step="place", errno=e.errno)
-                if sup.run is not None:
-                    sup.run.report = {"launch_error": err.to_dict()}
-                else:
-                    print(f"sandboxd-launcher: spare failed: {err}", file=sys.stderr)
-                linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
-                return
-            sup.init_pid = ipid
-            sup.placed = True
-            if sup.run is not None:
-                self._dispatch(sup)
+            sup.init_pid = protocol.loads(payload)["init_pid"]
+            uid_map = f"{sup.key[0]} {sup.host_uid} 1"
+            gid_map = f"{sup.key[1]} {sup.host_gid} 1"
+            sup.maps = (uid_map, gid_map)
+            # The slow, privileged part (cgroup made, init moved into it: an RCU grace period
+            # each on v1; maps written) runs in the host worker so this loop stays responsive.
+            self._worker_send(protocol.PREPARE, {"sup": sup.pid, "init_pid": sup.init_pid,
+                                                 "name": f"{os.getpid()}-{self._spawned}-{sup.pid}",
+                                                 "uid_map": uid_map, "gid_map": gid_map})
         elif kind == protocol.REPORT:
             if sup.run is not None:
                 if sup.run.report is None:
@@ -391,21 +402,46 @@ class Launcher:
         except (KeyError, ValueError):
             pass
 
-    def _map(self, sup: _Sup, ipid: int) -> None:
-        """Write init's uid/gid map: inside id -> this supervisor's host id, one id each."""
-        uid_map = f"{sup.key[0]} {sup.host_uid} 1\n"
-        gid_map = f"{sup.key[1]} {sup.host_gid} 1\n"
-        if self.idmode == "newuidmap":
-            import subprocess  # only here: importing it pulls in threading, which slows every fork
-            for tool, line in (("newuidmap", uid_map), ("newgidmap", gid_map)):
-                r = subprocess.run([tool, str(ipid), *line.split()], capture_output=True, text=True)
-                if r.returncode != 0:
-                    raise LaunchError(f"{tool} failed: {r.stderr.strip()}", step="userns")
-        else:
-            linux.write_file(f"/proc/{ipid}/setgroups", "deny", step="userns(setgroups)")
-            linux.write_file(f"/proc/{ipid}/uid_map", uid_map, step="userns(uid_map)")
-            linux.write_file(f"/proc/{ipid}/gid_map", gid_map, step="userns(gid_map)")
-        sup.maps = (uid_map.strip(), gid_map.strip())
+    # -- the host worker -----------------------------------------------------------------------
+    def _worker_send(self, kind: bytes, req: dict) -> None:
+        protocol.send(self.worker, kind, pickle.dumps(req))
+        self._worker_pending += 1
+
+    def _on_worker(self) -> None:
+        kind, payload, _ = protocol.recv(self.worker)
+        if kind == b"":
+            raise SandboxError("the host worker died", step="launcher")
+        self._worker_pending -= 1
+        rep = pickle.loads(payload)
+        if kind == protocol.REMOVE:
+            if rep.get("error"):
+                print(f"sandboxd-launcher: cgroup cleanup: {rep['error']}", file=sys.stderr)
+            if self.pool is not None:
+                self.pool.release(rep["uid"])
+            return
+        sup = self.sups.get(rep["sup"])
+        if sup is None or sup.exited:
+            if rep.get("cg") is not None:   # the supervisor died meanwhile: nothing will remove it
+                self._worker_send(protocol.REMOVE, {"cg": rep["cg"], "uid": None})
+            return
+        if rep.get("error"):
+            err = SandboxError.from_dict(rep["error"])
+            if sup.run is not None:
+                sup.run.report = {"launch_error": err.to_dict()}
+            else:
+                print(f"sandboxd-launcher: spare failed: {err}", file=sys.stderr)
+            linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+            return
+        sup.cgroup = rep["cg"]
+        uid, gid, net = sup.key
+        try:
+            protocol.send(sup.lsock, protocol.PLACED, {"uid": uid, "gid": gid, "net": net})
+        except OSError:
+            linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+            return
+        sup.placed = True
+        if sup.run is not None:
+            self._dispatch(sup)
 
     def _on_exit(self, sup: _Sup) -> None:
         """The supervisor is gone: answer the client if not done yet, then release everything."""
@@ -525,6 +561,73 @@ class Launcher:
             if sup.run is not None and sup.run.report is None:
                 sup.run.report = {"launch_error": LaunchError("launcher shutting down", step="shutdown").to_dict()}
             self._on_exit(sup)
+        # Let the worker finish every cgroup removal, then let it go.
+        while self._worker_pending > 0:
+            try:
+                self._on_worker()
+            except SandboxError:
+                break
+        self.worker.close()
+        try:
+            os.waitpid(self.worker_pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def host_worker(sock: socket.socket, cgroups: Any, idmode: str) -> None:
+    """A second single-threaded process, forked at start, for the slow privileged host steps.
+
+    Creating a cgroup and moving a process into it (v1: an RCU grace period per hierarchy,
+    tens of milliseconds on a loaded machine), writing id maps and removing cgroups would stall
+    the launcher's loop and with it every other run's result. The worker does them one at a
+    time and answers each request; the launcher goes on meanwhile. Requests and answers are
+    pickled: both ends are this module."""
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="host_worker")
+    while True:
+        try:
+            kind, payload, _ = protocol.recv(sock)
+        except OSError:
+            os._exit(0)
+        if kind == b"":
+            os._exit(0)
+        req = pickle.loads(payload)
+        rep: dict[str, Any] = {"sup": req.get("sup"), "uid": req.get("uid")}
+        if kind == protocol.PREPARE:
+            cg = None
+            try:
+                cg = cgroups.create(req["name"], SPARE_LIMITS)
+                write_id_maps(req["init_pid"], req["uid_map"], req["gid_map"], idmode)
+                cg.add_pid(req["init_pid"])            # before init runs any step of its own
+                rep["cg"] = cg
+            except SandboxError as e:
+                rep["error"] = e.to_dict()
+            except OSError as e:
+                rep["error"] = LaunchError(str(e), step="prepare", errno=e.errno).to_dict()
+            if "error" in rep and cg is not None:
+                try:
+                    cg.remove()
+                except SandboxError:
+                    pass
+        elif kind == protocol.REMOVE:
+            try:
+                req["cg"].remove()
+            except SandboxError as e:
+                rep["error"] = str(e)
+        protocol.send(sock, kind, pickle.dumps(rep))
+
+
+def write_id_maps(pid: int, uid_map: str, gid_map: str, idmode: str) -> None:
+    """Init's uid/gid map: one inside id to one host id each."""
+    if idmode == "newuidmap":
+        import subprocess
+        for tool, line in (("newuidmap", uid_map), ("newgidmap", gid_map)):
+            r = subprocess.run([tool, str(pid), *line.split()], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise LaunchError(f"{tool} failed: {r.stderr.strip()}", step="userns")
+    else:
+        linux.write_file(f"/proc/{pid}/setgroups", "deny", step="userns(setgroups)")
+        linux.write_file(f"/proc/{pid}/uid_map", uid_map + "\n", step="userns(uid_map)")
+        linux.write_file(f"/proc/{pid}/gid_map", gid_map + "\n", step="userns(gid_map)")
 
 
 def decide_status(plan: Plan, res: Result, reason: str | None, cancelled: bool) -> Status:

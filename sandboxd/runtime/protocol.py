@@ -12,6 +12,7 @@ Frames
   launcher -> supervisor -> init       PLACED {"uid","gid","net"}: mapped and in the cgroup
   launcher -> supervisor               CTX pickled RunContext, fds [run socket, stdin]
   supervisor -> init -> workload       CTX the same bytes, fds [stdin]
+  launcher <-> host worker             PREPARE / REMOVE requests and answers (pickled)
   workload -> supervisor (sync)        EXEC {attestation} + [seccomp listener fd], ERROR {...}
   supervisor -> workload (sync)        ACK
 """
@@ -37,6 +38,8 @@ ACK = b"A"
 STATUS = b"S"
 CTX = b"K"
 PLACED = b"L"
+PREPARE = b"Q"
+REMOVE = b"D"
 
 MAX_FRAME = 1 << 17
 
