@@ -22,8 +22,9 @@ A run is made in steps that stay apart: validate the limits and turn them into a
 writes (`plan_v1_writes` / `plan_v2_writes`: pure, testable without root), make the directories,
 write, then read every limit back and compare, because the kernel rounds (memory to pages) and
 an attestation must report what is in force, not what was asked. The launcher places the child
-before exec by writing its pid to each of `RunCgroup.procs_files`. At the end `remove()` kills
-what is left and removes the directories.
+before exec by writing its pid to each of `RunCgroup.procs_files`; for its spares it makes a run
+with no limits ahead of time and gives it the plan's limits with `retune()`. At the end
+`remove()` kills what is left and removes the directories.
 
 Killing is the delicate part: a fork bomb races any "list, then kill" loop, and with a small
 pid_max a listed pid can exit and be reused by an unrelated process before the signal. So v2
@@ -295,9 +296,12 @@ def _check_cpuset_available(cpus: frozenset[int], available: frozenset[int], whe
 def plan_v1_writes(limits: Limits, *, has_memsw: bool, has_swappiness: bool,
                    host_swap_bytes: int, cpuset_cpus: frozenset[int] | None = None,
                    cpuset_mems: str | None = None) -> list[Write]:
-    """The v1 writes for `limits`, in order. Host facts come in as arguments.
+    """The v1 writes for `limits`, in order, for a run cgroup with no limits yet. Host facts
+    come in as arguments.
 
-    `cpuset_cpus`/`cpuset_mems`: what the instance cgroup has (only needed when limits.cpuset).
+    `cpuset_cpus`/`cpuset_mems`: what the instance cgroup has, when a cpuset hierarchy is used
+    (None: none is). A run always joins it then, so a run made without a cpuset can be given
+    one by `retune` while its processes are already in place.
     """
     cpus, quota_us = _validate_limits(limits)
     w: list[Write] = []
@@ -324,16 +328,19 @@ def plan_v1_writes(limits: Limits, *, has_memsw: bool, has_swappiness: bool,
     if quota_us is not None:
         w.append(Write("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US)))
         w.append(Write("cpu", "cpu.cfs_quota_us", str(quota_us)))
-    if cpus is not None:
-        if cpuset_cpus is None or cpuset_mems is None:
+    if cpuset_cpus is None or cpuset_mems is None:
+        if cpus is not None:
             raise HostCapabilityError(
                 "limits.cpuset is set but no cgroup v1 cpuset hierarchy is usable",
                 step="cgroup_plan", hint="mount the cpuset controller "
                 "(mount -t cgroup -o cpuset cgroup /sys/fs/cgroup/cpuset) or drop limits.cpuset")
-        _check_cpuset_available(cpus, cpuset_cpus, "cpuset.cpus")
-        # v1 cpusets start empty and take no task until both are set; mems as the instance has.
+    else:
+        if cpus is not None:
+            _check_cpuset_available(cpus, cpuset_cpus, "cpuset.cpus")
+        # v1 cpusets start empty and take no task until both are set: mems as the instance
+        # has, cpus as asked or else all the instance has.
         w.append(Write("cpuset", "cpuset.mems", cpuset_mems))
-        w.append(Write("cpuset", "cpuset.cpus", _format_cpuset(cpus)))
+        w.append(Write("cpuset", "cpuset.cpus", _format_cpuset(cpus or cpuset_cpus)))
     return w
 
 
@@ -373,6 +380,14 @@ def _host_swap_bytes(fs: CgroupFs, proc: str) -> int:
         if line.startswith("SwapTotal:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _cgroup_limits(limits: Limits) -> tuple[Any, ...]:
+    """The fields of Limits this module puts in a cgroup."""
+    return (limits.memory_bytes, limits.pids, limits.cpu_quota, limits.cpuset)
+
+
+_NO_LIMITS = (None, None, None, None)
 
 
 def _verify(limits: Limits, rb: dict[str, Any]) -> list[str]:
@@ -447,7 +462,11 @@ def _check_root(root: str) -> None:
 # -- run cgroups ----------------------------------------------------------------------------------
 
 class RunCgroup:
-    """One run's cgroup (one directory per hierarchy on v1). Made by CgroupManager.create()."""
+    """One run's cgroup (one directory per hierarchy on v1). Made by CgroupManager.create().
+
+    Picklable on purpose (plain data, no fd or lock): the launcher hands it to the run's
+    supervisor, which polls cpu_usage_ns() itself.
+    """
 
     version: int
 
@@ -458,6 +477,8 @@ class RunCgroup:
         self._owned: list[str] = []             # directories this object made or adopted
         self._removed = False
         self._peak_seen = 0
+        self._limits: tuple[Any, ...] | None = None   # what create()/retune() put in force
+        self.best_effort_failed: list[str] = []   # best-effort writes that failed, with why
 
     @property
     def dirs(self) -> list[str]:
@@ -493,11 +514,6 @@ class RunCgroup:
         """CPU time of every process and thread that has been in the run, in nanoseconds."""
         raise NotImplementedError
 
-    def cpu_usage_source(self) -> tuple[str, int]:
-        """(file, scale) for a process that polls CPU time without this object (the supervisor):
-        the first integer in the file, times scale, is cpu_usage_ns(). v1 cpuacct.usage holds
-        one number; v2 cpu.stat starts with "usage_usec N"."""
-        raise NotImplementedError
 
     def memory_peak(self) -> int:
         raise NotImplementedError
@@ -678,7 +694,6 @@ class _V1Run(RunCgroup):
         super().__init__(fs, run_id, dirs)
         self._proc = proc
         self._has_memsw = has_memsw
-        self.best_effort_failed: list[str] = []
 
     def _f(self, controller: str, name: str) -> str:
         return os.path.join(self._dir[controller], name)
@@ -686,8 +701,6 @@ class _V1Run(RunCgroup):
     def cpu_usage_ns(self) -> int:
         return int(_read(self._fs, self._f("cpuacct", "cpuacct.usage")))
 
-    def cpu_usage_source(self) -> tuple[str, int]:
-        return self._f("cpuacct", "cpuacct.usage"), 1
 
     def memory_peak(self) -> int:
         # The memory counter's high-water mark: what the limit is compared against.
@@ -781,8 +794,6 @@ class _V2Run(RunCgroup):
     def cpu_usage_ns(self) -> int:
         return _keyed(_read(self._fs, self._f("cpu.stat")))["usage_usec"] * 1000
 
-    def cpu_usage_source(self) -> tuple[str, int]:
-        return self._f("cpu.stat"), 1000
 
     def memory_peak(self) -> int:
         if self._has_peak:
@@ -930,19 +941,11 @@ class CgroupManager:
         """
         _check_name(run_id, "run_id", PlanError)
         self._ensure_instance()
-        writes = self._plan(limits)
-        run = self._new_run(run_id, limits)
+        writes = self._plan(limits)             # decided (and refused) before anything is made
+        run = self._new_run(run_id)
         try:
             run._mkdirs()
-            failed = run._apply(writes)
-            if isinstance(run, _V1Run):
-                run.best_effort_failed = failed
-            rb = run.readback()
-            bad = _verify(limits, rb)
-            if bad:
-                raise LaunchError("the kernel reports other limits than were written: "
-                                  + "; ".join(bad), step="cgroup_verify",
-                                  path=run.dirs[0] if run.dirs else None)
+            self._tune(run, limits, writes)
         except BaseException as e:
             try:
                 run.remove()
@@ -952,17 +955,26 @@ class CgroupManager:
         return run
 
     def retune(self, run: RunCgroup, limits: Limits) -> dict[str, Any]:
-        """Write `limits` into a run cgroup made earlier with no limits (a launcher spare), then
-        read back and compare, as create() does. Returns the readback."""
-        writes = self._plan(limits)
-        failed = run._apply(writes)
-        if isinstance(run, _V1Run):
-            run.best_effort_failed = failed
+        """Write `limits` into a run made earlier with no limits (a launcher spare, whose
+        processes may already be in it), then read back and compare, as create() does.
+        Returns the readback. On failure the run is left as it is: the caller removes it."""
+        if run._limits != _NO_LIMITS:
+            # The write order assumes limits only go down from "none" (v1 refuses a memory
+            # limit above memsw, and memsw below the limit).
+            raise PlanError(f"run {run.run_id} already has limits; only a run created with "
+                            "no memory, pids, cpu quota or cpuset limit can be retuned",
+                            step="cgroup_retune")
+        return self._tune(run, limits, self._plan(limits))
+
+    def _tune(self, run: RunCgroup, limits: Limits, writes: list[Write]) -> dict[str, Any]:
+        run.best_effort_failed = run._apply(writes)
         rb = run.readback()
         bad = _verify(limits, rb)
         if bad:
-            raise LaunchError("the kernel reports other limits than were written: " + "; ".join(bad),
-                              step="cgroup_verify", path=run.dirs[0] if run.dirs else None)
+            raise LaunchError("the kernel reports other limits than were written: "
+                              + "; ".join(bad), step="cgroup_verify",
+                              path=run.dirs[0] if run.dirs else None)
+        run._limits = _cgroup_limits(limits)
         return rb
 
     def cleanup_stale(self) -> list[str]:
@@ -987,7 +999,7 @@ class CgroupManager:
         removed: list[str] = []
         errors: list[SandboxError] = []
         for rid in sorted(runs):
-            run = self._new_run(rid, None)
+            run = self._new_run(rid)
             run._owned = [d for d in dict.fromkeys(run._dir.values()) if self._fs.isdir(d)]
             try:
                 run.remove()
@@ -1028,7 +1040,7 @@ class CgroupManager:
     def _plan(self, limits: Limits) -> list[Write]:
         raise NotImplementedError
 
-    def _new_run(self, run_id: str, limits: Limits | None) -> RunCgroup:
+    def _new_run(self, run_id: str) -> RunCgroup:
         raise NotImplementedError
 
     def _features(self) -> dict[str, Any]:
@@ -1143,15 +1155,9 @@ class _V1Manager(CgroupManager):
                               has_swappiness=self._has_swappiness, host_swap_bytes=swap,
                               cpuset_cpus=self._cpuset_cpus, cpuset_mems=self._cpuset_mems)
 
-    def _new_run(self, run_id: str, limits: Limits | None) -> RunCgroup:
+    def _new_run(self, run_id: str) -> RunCgroup:
         sub = os.path.join(INSTANCE_PREFIX + self.instance, RUN_PREFIX + run_id)
-        dirs = {}
-        for c, h in self._hier.items():
-            # cpuset only when asked for (new v1 cpusets need setting up); for a stale run,
-            # every hierarchy, to find whatever it left.
-            if c == "cpuset" and limits is not None and limits.cpuset is None:
-                continue
-            dirs[c] = os.path.join(h.base_dir, sub)
+        dirs = {c: os.path.join(h.base_dir, sub) for c, h in self._hier.items()}
         return _V1Run(self._fs, run_id, dirs, proc=self._proc, has_memsw=self._has_memsw)
 
 
@@ -1260,7 +1266,7 @@ class _V2Manager(CgroupManager):
         return plan_v2_writes(limits, has_swap_max=self._has_swap_max, host_swap_bytes=swap,
                               has_cpuset="cpuset" in self._hier, cpuset_cpus=self._cpuset_cpus)
 
-    def _new_run(self, run_id: str, limits: Limits | None) -> RunCgroup:
+    def _new_run(self, run_id: str) -> RunCgroup:
         d = os.path.join(self._instance_dirs()[0], RUN_PREFIX + run_id)
         return _V2Run(self._fs, run_id, d, proc=self._proc, has_kill=self._has_kill,
                       has_peak=self._has_peak, has_swap_max=self._has_swap_max)

@@ -161,8 +161,17 @@ class Launcher:
             if not events:
                 self._replenish()      # spares are made when nothing else is waiting
 
+    def _want_spare(self) -> bool:
+        """Below the spare target, and no run is being set up unless we ran out entirely: making
+        a spare takes a CPU from the runs starting now (two cores here), so it waits for them."""
+        idle = len(self._idle_spares())
+        if idle >= self.config.prefork:
+            return False
+        starting = any(s.run is not None and not s.run.completed for s in self.sups.values())
+        return idle == 0 or not starting
+
     def _next_timeout(self) -> float | None:
-        if len(self._idle_spares()) < self.config.prefork:
+        if self._want_spare():
             return 0.0
         return 1.0 if self.sups else None
 
@@ -172,7 +181,7 @@ class Launcher:
     DEFAULT_KEY = (1000, 1000, True)   # the default plan's inside ids, with its own netns
 
     def _replenish(self) -> None:
-        if len(self._idle_spares()) < self.config.prefork:
+        if self._want_spare():
             try:
                 self._spawn(self.DEFAULT_KEY)
             except SandboxError as e:

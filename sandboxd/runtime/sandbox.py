@@ -394,10 +394,10 @@ def _supervise(lsock: socket.socket) -> int:
         return 0
     run_sock = socket.socket(fileno=fds[0])
     stdin_fd = fds[1]
-    ctx: RunContext = pickle.loads(payload)
-    protocol.send(isock_p, protocol.CTX, payload, fds=[stdin_fd])
+    protocol.send(isock_p, protocol.CTX, payload, fds=[stdin_fd])   # init first: it has the work
     os.close(stdin_fd)
     isock_p.close()
+    ctx: RunContext = pickle.loads(payload)
     plan = ctx.plan
     lim = plan.limits
 
@@ -582,8 +582,10 @@ def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
     entry = st.denials.setdefault(name, [0, action])
     entry[0] += 1
     if action == "kill":
+        # No answer: the caller stays blocked in the syscall until the SIGKILL of the whole
+        # run lands, so it cannot act on any return value (an EPERM would let it go on).
         kill("SYSCALL_DENIED")
-        err = 1      # and fail the call, so nothing depends on how fast the kill lands
+        return True
     try:
         seccomp.respond(listener, n.id, error=err)
     except OSError:
