@@ -62,7 +62,8 @@ def main() -> int:
         bw += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--", "/bin/true"]
         res["bwrap"] = median_ms(lambda: subprocess.run(bw, check=True), a.runs)
     plan = planner.build_plan(["/bin/true"])
-    with Runtime() as rt:
+    from sandboxd.runtime.config import RuntimeConfig
+    with Runtime(RuntimeConfig(instance=f"bench{os.getpid()}")) as rt:
         def api() -> None:
             r = rt.run(plan)
             assert r.status == Status.OK, r

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -111,8 +112,11 @@ def cmd_run(a: argparse.Namespace) -> int:
             stream = sys.stdout.buffer if name == "stdout" else sys.stderr.buffer
             stream.write(chunk)
             stream.flush()
+    from sandboxd.runtime.config import RuntimeConfig
     try:
-        with Runtime() as rt:
+        # A launcher of its own (instance per process), so a running daemon is never disturbed;
+        # one spare is enough for one run.
+        with Runtime(RuntimeConfig(instance=f"cli{os.getpid()}", prefork=1)) as rt:
             res = rt.run(plan, stdin=stdin, on_output=on_output)
     except SandboxError as e:
         print(f"sandboxd run: sandbox failed: {e}", file=sys.stderr)
@@ -148,8 +152,9 @@ def summary(res) -> str:  # noqa: ANN001
 
 def cmd_host_info(a: argparse.Namespace) -> int:
     from sandboxd.runtime.client import Runtime
+    from sandboxd.runtime.config import RuntimeConfig
     try:
-        with Runtime() as rt:
+        with Runtime(RuntimeConfig(instance=f"cli{os.getpid()}", prefork=0)) as rt:
             print(json.dumps(rt.host_info(), indent=2))
     except SandboxError as e:
         print(f"sandboxd host-info: {e}", file=sys.stderr)

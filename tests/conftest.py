@@ -59,6 +59,9 @@ def runtime():
     """One launcher for the whole session, as the daemon has."""
     need_root()
     from sandboxd.runtime.client import Runtime
-    rt = Runtime()
+    from sandboxd.runtime.config import RuntimeConfig
+    # An instance of its own: a launcher removes its instance's leftovers at start, so two
+    # sessions sharing one would take each other's runs for a crashed predecessor's.
+    rt = Runtime(RuntimeConfig(instance=f"test{os.getpid()}"))
     yield rt
     rt.close()

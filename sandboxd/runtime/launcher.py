@@ -111,6 +111,7 @@ class Launcher:
         self.rootful = os.geteuid() == 0
         self.idmode = self.host["userns"]["id_mapping"]
         self.pool = IdPool(*self.host["userns"]["range"]) if self.host["userns"]["range"] else None
+        self._lock_fd = _lock_instance(config)
         from sandboxd.runtime import cgroups
         self.cgroups = cgroups.CgroupManager.detect(root=config.cgroup_root, instance=config.instance)
         self.host["cgroups"] = self.cgroups.info()
@@ -581,6 +582,33 @@ class Launcher:
             os.waitpid(self.worker_pid, 0)
         except ChildProcessError:
             pass
+        try:
+            self.cgroups.close()           # the instance cgroups, now empty
+        except SandboxError as e:
+            if os.geteuid() == 0:          # a delegated (rootless) instance belongs to its delegator
+                print(f"sandboxd-launcher: {e}", file=sys.stderr)
+
+
+def _lock_instance(config: RuntimeConfig) -> int:
+    """One launcher per instance: a second one would take the first one's cgroups for a
+    crashed predecessor's leftovers and kill its runs. Held (flock) for the process's life."""
+    import fcntl
+    d = os.path.dirname(os.path.abspath(config.root_mountpoint))
+    path = os.path.join(d, f"instance-{config.instance}.lock")
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise HostCapabilityError("cannot open the instance lock", step="launcher", path=path,
+                                  errno=e.errno) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise HostCapabilityError(f"another launcher of instance {config.instance!r} is running",
+                                  step="launcher", path=path,
+                                  hint="give each launcher its own RuntimeConfig.instance") from None
+    return fd
 
 
 def host_worker(sock: socket.socket, cgroups: Any, idmode: str) -> None:
