@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -79,7 +81,9 @@ def test_attestation_reports_applied_controls(runtime):
     inside, host, count = a["uid_map"].split()
     assert inside == "1000" and int(host) >= 1000 and host != "0" and count == "1"
     assert a["identity"]["groups"] == []
-    assert a["cgroup"]  # limits read back from the kernel
+    assert a["cgroup"]["memory_limit_bytes"] == 256 << 20 and a["cgroup"]["pids_max"] == 64  # read back
+    assert a["rlimits"]["core"] == [0, 0] and a["rlimits"]["nofile"] == [256, 256]           # read back
+    assert a["rlimits"]["fsize"] == [64 << 20, 64 << 20]
 
 
 def test_identity_and_hostname(runtime):
@@ -219,6 +223,20 @@ def test_cpu_time_0_9s_passes_under_1s(runtime):
 def test_cpu_time_1_1s_fails_under_1s(runtime):
     r = runtime.run(plan([PY, "-c", SPIN.format(s=1.1)], cpu_time_ms=1000))
     assert r.status == Status.TIME_LIMIT and r.cpu_time_ms > 1000
+
+
+def test_cpu_time_exact_under_machine_load(runtime):
+    # Two host processes keep both CPUs busy: wall time stretches, CPU time must not.
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        ok = runtime.run(plan([PY, "-c", SPIN.format(s=0.9)], cpu_time_ms=1000, wall_time_ms=20_000))
+        over = runtime.run(plan([PY, "-c", SPIN.format(s=1.1)], cpu_time_ms=1000, wall_time_ms=20_000))
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert ok.status == Status.OK and 850 <= ok.cpu_time_ms <= 1000, (ok.status, ok.cpu_time_ms, ok.wall_time_ms)
+    assert over.status == Status.TIME_LIMIT, (over.status, over.cpu_time_ms)
 
 
 def test_cpu_time_counts_all_processes(runtime):

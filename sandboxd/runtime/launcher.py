@@ -555,7 +555,7 @@ class Launcher:
             "landlock": dict(run.landlock_info or {}, applied=att.get("landlock")),
             "apparmor": {"requested": run.plan.apparmor.profile, "host": self.host["apparmor"]},
             "cgroup": dict(run.cgroup_readback),
-            "rlimits": _rlimits_of(run.plan),
+            "rlimits": parse_proc_limits(att.get("limits", "")),
             "network": {"mode": run.plan.network.mode},
         }
 
@@ -690,11 +690,21 @@ def decide_status(plan: Plan, res: Result, reason: str | None, cancelled: bool) 
     return Status.OK
 
 
-def _rlimits_of(plan: Plan) -> dict:
-    lim = plan.limits
-    return {"core": 0, "stack": lim.stack_bytes, "fsize": lim.file_size_bytes, "nofile": lim.open_files,
-            "cpu_s": None if lim.cpu_time_ms is None else (lim.cpu_time_ms + lim.cpu_extra_ms) // 1000 + 1,
-            "as": lim.address_space_bytes}
+_LIMIT_NAMES = {"Max cpu time": "cpu", "Max file size": "fsize", "Max stack size": "stack",
+                "Max core file size": "core", "Max open files": "nofile", "Max address space": "as",
+                "Max processes": "nproc"}
+
+
+def parse_proc_limits(text: str) -> dict:
+    """/proc/<pid>/limits as the workload saw it just before execve -> {name: [soft, hard]}
+    (None: unlimited). Read back, not taken from the plan."""
+    out: dict[str, list] = {}
+    for line in text.splitlines()[1:]:
+        for label, key in _LIMIT_NAMES.items():
+            if line.startswith(label):
+                parts = line[len(label):].split()
+                out[key] = [None if v == "unlimited" else int(v) for v in parts[:2]]
+    return out
 
 
 def _sha256_file(path: str) -> str:

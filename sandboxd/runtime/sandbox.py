@@ -97,7 +97,8 @@ def contain_and_exec(ctx: RunContext, sync: socket.socket) -> None:
     landlock_att = None
     if ctx.landlock_prepared is not None:          # after pivot_root: rules name paths of the new root
         landlock_att = landlock.apply(ctx.landlock_prepared)
-    att = {"status": _read("/proc/self/status"), "ns": _ns_ids(), "landlock": landlock_att}
+    att = {"status": _read("/proc/self/status"), "limits": _read("/proc/self/limits"),
+           "ns": _ns_ids(), "landlock": landlock_att}
     listener = -1
     if ctx.seccomp_prepared is not None:           # LAST: the filter need not allow our own setup
         listener = seccomp.install_filter(ctx.seccomp_prepared)

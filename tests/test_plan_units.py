@@ -1,0 +1,100 @@
+"""Pure decisions, no kernel: plan JSON round trip, verdict precedence, parsers, errors."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from sandboxd import planner
+from sandboxd.cli import parse_duration_ms, parse_size
+from sandboxd.errors import LaunchError, PlanError, SandboxError
+from sandboxd.plan import Limits, Plan, Result, Status
+from sandboxd.runtime import caps
+from sandboxd.runtime.launcher import IdPool, decide_status, parse_proc_limits
+
+
+def test_plan_json_round_trip_is_exact():
+    p = planner.build_plan(["/bin/true"], preset="judge")
+    assert Plan.from_json(p.to_json()) == p
+
+
+def test_plan_rejects_unknown_keys():
+    d = planner.build_plan(["/bin/true"]).to_dict()
+    d["limits"]["cpu_tme_ms"] = 5
+    with pytest.raises(ValueError, match=r"Limits: unknown keys \['cpu_tme_ms'\]"):
+        Plan.from_dict(d)
+
+
+def _res(**kw):
+    base = dict(status=Status.OK, exit_code=0, signal=None, cpu_time_ms=10.0)
+    base.update(kw)
+    return Result(**base)
+
+
+P = Plan(argv=("x",), limits=Limits(cpu_time_ms=1000))
+
+
+@pytest.mark.parametrize("res,reason,cancelled,want", [
+    (_res(), None, False, Status.OK),
+    (_res(exit_code=3), None, False, Status.RUNTIME_ERROR),
+    (_res(exit_code=None, signal=11), None, False, Status.SIGNALED),
+    (_res(cpu_time_ms=1000.5), None, False, Status.TIME_LIMIT),        # exited, but over the limit
+    (_res(exit_code=None, signal=signal.SIGXCPU), None, False, Status.TIME_LIMIT),
+    (_res(exit_code=None, signal=9), "WALL_TIME_LIMIT", False, Status.WALL_TIME_LIMIT),
+    (_res(oom_kills=1), None, False, Status.MEMORY_LIMIT),             # only a child was killed
+    (_res(exit_code=None, signal=signal.SIGXFSZ), None, False, Status.OUTPUT_LIMIT),
+    (_res(exit_code=None, signal=9), "OUTPUT_LIMIT", False, Status.OUTPUT_LIMIT),
+    (_res(exit_code=None, signal=9, oom_kills=1), "SYSCALL_DENIED", False, Status.SYSCALL_DENIED),
+    (_res(exit_code=None, signal=9), "CANCELLED", True, Status.CANCELLED),
+])
+def test_verdict_precedence(res, reason, cancelled, want):
+    assert decide_status(P, res, reason, cancelled) == want
+
+
+def test_sizes_and_durations():
+    assert parse_size("256MiB") == 256 << 20 and parse_size("1g") == 1 << 30 and parse_size("4096") == 4096
+    assert parse_duration_ms("2s") == 2000 and parse_duration_ms("500ms") == 500 and parse_duration_ms("1.5") == 1500
+
+
+def test_unknown_capability_fails_closed():
+    with pytest.raises(PlanError, match="unknown capability name"):
+        caps.parse_caps(["CAP_NET_BIND_SERVICE", "CAP_FLY"])
+    assert caps.parse_caps(["net_bind_service"]) == 1 << 10
+
+
+def test_error_names_step_object_errno_and_hint():
+    e = LaunchError("bind source missing", step="bind_mount", path="/nope", errno=2, hint="create it")
+    assert str(e) == "bind_mount: bind source missing [/nope] (ENOENT: No such file or directory); hint: create it"
+    assert SandboxError.from_dict(e.to_dict()).to_dict() == e.to_dict()
+
+
+def test_id_pool_hands_out_distinct_ids():
+    pool = IdPool(100, 3)
+    got = {pool.acquire() for _ in range(3)}
+    assert got == {100, 101, 102}
+    with pytest.raises(SandboxError, match="no free host uid"):
+        pool.acquire()
+    pool.release(101)
+    assert pool.acquire() == 101
+
+
+def test_proc_limits_parser():
+    text = ("Limit                     Soft Limit           Hard Limit           Units     \n"
+            "Max cpu time              3                    4                    seconds   \n"
+            "Max file size             1048576              1048576              bytes     \n"
+            "Max core file size        0                    0                    bytes     \n"
+            "Max address space         unlimited            unlimited            bytes     \n")
+    assert parse_proc_limits(text) == {"cpu": [3, 4], "fsize": [1048576, 1048576], "core": [0, 0],
+                                       "as": [None, None]}
+
+
+def test_bind_spec_validation(tmp_path):
+    b = planner.parse_bind(f"{tmp_path}:/box/in", writable=False)
+    assert b.source == str(tmp_path) and b.target == "/box/in" and not b.writable
+    with pytest.raises(PlanError):
+        planner.parse_bind(f"{tmp_path}:box/in", writable=False)
+    with pytest.raises(PlanError):
+        planner.parse_bind(f"{tmp_path}:/box/../etc", writable=False)
+    with pytest.raises(PlanError):
+        planner.parse_bind("/does/not/exist:/x", writable=False)
