@@ -116,7 +116,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     try:
         # A launcher of its own (instance per process), so a running daemon is never disturbed;
         # one spare is enough for one run.
-        with Runtime(RuntimeConfig(instance=f"cli{os.getpid()}", prefork=1)) as rt:
+        with Runtime(RuntimeConfig(instance=f"cli{os.getpid()}", prefork=1), start="fork") as rt:
             res = rt.run(plan, stdin=stdin, on_output=on_output)
     except SandboxError as e:
         print(f"sandboxd run: sandbox failed: {e}", file=sys.stderr)
@@ -154,7 +154,7 @@ def cmd_host_info(a: argparse.Namespace) -> int:
     from sandboxd.runtime.client import Runtime
     from sandboxd.runtime.config import RuntimeConfig
     try:
-        with Runtime(RuntimeConfig(instance=f"cli{os.getpid()}", prefork=0)) as rt:
+        with Runtime(RuntimeConfig(instance=f"cli{os.getpid()}", prefork=0), start="fork") as rt:
             print(json.dumps(rt.host_info(), indent=2))
     except SandboxError as e:
         print(f"sandboxd host-info: {e}", file=sys.stderr)

@@ -36,6 +36,9 @@ if [ "$want_test" = 1 ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+# Byte-compile now: the launcher is started per daemon and per CLI call, and environments that set
+# PYTHONDONTWRITEBYTECODE would otherwise compile every module at every start.
+.venv/bin/python -m compileall -q sandboxd >/dev/null
 if [ "$want_test" = 1 ] && [ -x scripts/setup-vm.sh ]; then
   scripts/setup-vm.sh
 fi

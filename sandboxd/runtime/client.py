@@ -23,18 +23,61 @@ from sandboxd.runtime.config import RuntimeConfig
 OutputCallback = Callable[[str, bytes], None]
 
 
+class _ForkedLauncher:
+    """The launcher as a fork of this process (see Runtime(start="fork"))."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def wait(self, timeout: float | None = None) -> int:
+        import time
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            if pid:
+                return status
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("sandboxd-launcher", timeout)
+            time.sleep(0.005)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
 class Runtime:
-    def __init__(self, config: RuntimeConfig | None = None) -> None:
+    """start="exec" (the default, and the only choice in a threaded process such as the gRPC
+    daemon): the launcher is a fresh interpreter. start="fork": the launcher is a fork of this
+    process, which must be single-threaded and must not have imported grpc; it saves an
+    interpreter start and the imports (the local CLI uses it)."""
+
+    def __init__(self, config: RuntimeConfig | None = None, *, start: str = "exec") -> None:
         self.config = config or RuntimeConfig()
         parent, child = protocol.seqpacket_pair()
         self._ctl = parent
         self._lock = threading.Lock()
-        env = dict(os.environ)
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxd.runtime.launcher", "--ctl-fd", str(child.fileno()),
-             "--config", _json(self.config.to_dict())],
-            pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, env=env, close_fds=True)
+        if start == "fork":
+            if threading.active_count() != 1 or "grpc" in sys.modules:
+                raise SandboxError("start='fork' needs a single-threaded process without grpc",
+                                   step="launcher")
+            from sandboxd.runtime import launcher
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    parent.close()
+                    launcher.run_launcher(child, self.config)
+                finally:
+                    os._exit(0)
+            self._proc = _ForkedLauncher(pid)
+        elif start == "exec":
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "sandboxd.runtime.launcher", "--ctl-fd", str(child.fileno()),
+                 "--config", _json(self.config.to_dict())],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+        else:
+            raise SandboxError(f"unknown launcher start mode {start!r}", step="launcher")
         child.close()
         kind, payload, _ = protocol.recv(self._ctl)
         if kind == protocol.ERROR:

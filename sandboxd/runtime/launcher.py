@@ -754,14 +754,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctl-fd", type=int, required=True)
     ap.add_argument("--config", default="{}")
     a = ap.parse_args(argv)
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="launcher")
     ctl = socket.socket(fileno=a.ctl_fd)
     try:
         config = RuntimeConfig.from_dict(json.loads(a.config))
+    except (ValueError, TypeError) as e:
+        _send_quiet(ctl, protocol.ERROR, SandboxError(f"bad runtime config: {e}", step="launcher").to_dict())
+        sys.exit(2)
+    run_launcher(ctl, config)
+
+
+def run_launcher(ctl: socket.socket, config: RuntimeConfig) -> None:
+    """The launcher process's life: set up, answer GO (or ERROR), serve until the client goes."""
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="launcher")
+    linux.close_fds_except((ctl.fileno(),))
+    try:
         launcher = Launcher(ctl, config)
     except SandboxError as e:
         _send_quiet(ctl, protocol.ERROR, e.to_dict())
-        sys.exit(2)
+        os._exit(2)
     launcher.serve()
 
 
