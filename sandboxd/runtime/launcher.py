@@ -127,6 +127,7 @@ class Launcher:
         self.host_ns = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in
                         ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")}
         self._seccomp_cache: dict[tuple, Any] = {}
+        self._landlock_cache: dict[tuple, Any] = {}
         self._spawned = 0
         self._worker_pending = 0
         self.worker, wsock = protocol.seqpacket_pair()
@@ -208,7 +209,7 @@ class Launcher:
             run_fd, stdin_fd = (fds + [-1, -1])[:2]
             run_sock = socket.socket(fileno=run_fd)
             try:
-                self._start(protocol.loads(payload), run_sock, stdin_fd)
+                self._start(payload, run_sock, stdin_fd)
             except SandboxError as e:
                 _send_quiet(run_sock, protocol.ERROR, e.to_dict())
                 run_sock.close()
@@ -277,11 +278,13 @@ class Launcher:
         return ready[0] if ready else self._spawn(key)
 
     # -- one run -------------------------------------------------------------------------------
-    def _start(self, plan_dict: dict, run_sock: socket.socket, stdin_fd: int) -> None:
+    def _start(self, payload: bytes, run_sock: socket.socket, stdin_fd: int) -> None:
         try:
-            plan = Plan.from_dict(plan_dict)
-        except (TypeError, ValueError, KeyError) as e:
-            raise PlanError(f"malformed plan: {e}", step="plan") from None
+            plan = pickle.loads(payload)
+        except Exception as e:  # noqa: BLE001 - whatever a bad pickle raises
+            raise PlanError(f"malformed plan: {e!r}", step="plan") from None
+        if not isinstance(plan, Plan):
+            raise PlanError(f"expected a Plan, got {type(plan).__name__}", step="plan")
         self._check_plan(plan)
         if plan.user.uid_mode == "per_run" and self.pool is None and not plan.user.allow_single_uid:
             raise HostCapabilityError(
@@ -372,7 +375,13 @@ class Launcher:
                 raise HostCapabilityError("Landlock support is not built into this runtime", step="landlock")
             return {"enabled": False, "reason": "not built"}
         abi = self.host["landlock"]["abi"]
-        rules = landlock.resolve(plan, abi)
+        key = (plan.filesystem, plan.landlock, plan.network.mode, plan.argv[0], abi)
+        rules = self._landlock_cache.get(key)
+        if rules is None:                       # resolve() is pure: cache it per layout
+            rules = landlock.resolve(plan, abi)
+            if len(self._landlock_cache) > 256:
+                self._landlock_cache.clear()
+            self._landlock_cache[key] = rules
         ctx.landlock_rules = rules
         return {"enabled": True, "abi": abi, "mode": plan.landlock.mode,
                 "unenforced": list(getattr(rules, "unenforced", []))}
