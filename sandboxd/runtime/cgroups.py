@@ -43,6 +43,7 @@ logic against a temporary directory laid out like a cgroup filesystem.
 from __future__ import annotations
 
 import errno as _errno
+import fcntl
 import os
 import re
 import signal
@@ -80,7 +81,7 @@ V1_OPTIONAL = ("cpuset", "freezer")
 V2_REQUIRED = ("memory", "pids", "cpu")
 V2_OPTIONAL = ("cpuset",)
 
-KILL_TIMEOUT_S = 5.0           # kill_all gives up (LaunchError) when the cgroup is not empty by then
+KILL_TIMEOUT_S = 5.0           # kill_all gives up (LaunchError) if the cgroup is not empty by then
 _FREEZE_TIMEOUT_S = 1.0        # a task in uninterruptible sleep can keep a freezer FREEZING
 _RMDIR_TIMEOUT_S = 1.0         # rmdir can see EBUSY briefly while the last exits are accounted
 _PIDFD_BATCH = 256             # pidfds open at once while killing
@@ -120,6 +121,17 @@ class CgroupFs:
 
     def mkdir(self, path: str) -> None:
         os.mkdir(path, 0o755)
+
+    def lock(self, path: str) -> int:
+        """flock(LOCK_EX|LOCK_NB) a directory; the returned fd holds the lock until closed.
+        BlockingIOError when another open file holds it."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def rmdir(self, path: str) -> None:
         os.rmdir(path)
@@ -451,6 +463,25 @@ def _cgroup_dir(mount: Mount, cgroup_path: str) -> str | None:
         return None
     rel = cgroup_path[len(top):].strip("/")
     return os.path.join(mount.mountpoint, rel) if rel else mount.mountpoint
+
+
+def _flock_holder(path: str) -> str:
+    """Who holds the flock on `path`, from /proc/locks, for the error message."""
+    try:
+        st = os.stat(path)
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "FLOCK" in parts and dev in parts:
+                    pid = int(parts[parts.index(dev) - 1])
+                    if os.path.exists(f"/proc/{pid}"):
+                        return f"locked by pid {pid}"
+                    return (f"locked by pid {pid}, which has exited: a child it forked still "
+                            "holds the lock fd; kill it, or it ends with its run")
+    except (OSError, ValueError):
+        pass
+    return "holder unknown"
 
 
 def _check_root(root: str) -> None:
@@ -893,6 +924,7 @@ class CgroupManager:
         self._unavailable = unavailable       # optional controller -> why it is not used
         self._lock = threading.Lock()
         self._ready = False
+        self._locks: dict[str, int] = {}       # instance dir -> fd holding its flock
 
     # -- detect -----------------------------------------------------------------------------
     @classmethod
@@ -1024,7 +1056,53 @@ class CgroupManager:
                     raise LaunchError("failed to remove the instance cgroup", step="cgroup_close",
                                       path=d, errno=e.errno,
                                       hint="runs are still there: remove() them first") from None
+            self._unlock()
             self._ready = False
+
+    # -- shared by both backends -------------------------------------------------------------
+    def _make_instance_dirs(self) -> None:
+        """mkdir the instance cgroups (they may exist) and lock them for this process.
+
+        The lock is what makes cleanup_stale() safe: a live daemon holds it, so another process
+        of the same instance name fails here instead of killing that daemon's runs as "stale".
+        It is an flock on the directories themselves, so a crash releases it. Every hierarchy
+        is locked because bases differ per hierarchy (here memory is per daemon, pids shared).
+        The fds are O_CLOEXEC, but a child forked without exec shares them and so the lock:
+        such a child must close them (the launcher's supervisors close every fd they do not
+        use), or it keeps the instance locked after the daemon is gone; the error names it.
+        """
+        for d in self._instance_dirs():
+            try:
+                self._fs.mkdir(d)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise LaunchError("failed to create the instance cgroup", step="cgroup_instance",
+                                  path=d, errno=e.errno) from None
+            if d in self._locks:
+                continue
+            try:
+                self._locks[d] = self._fs.lock(d)
+            except BlockingIOError:
+                raise LaunchError(f"instance {self.instance!r} is in use by another sandboxd "
+                                  f"process ({_flock_holder(d)})", step="cgroup_instance",
+                                  path=d, errno=_errno.EWOULDBLOCK,
+                                  hint="give each daemon on a host its own instance name "
+                                       "(RuntimeConfig.instance)") from None
+            except OSError as e:
+                raise LaunchError("failed to lock the instance cgroup", step="cgroup_instance",
+                                  path=d, errno=e.errno) from None
+
+    def _unlock(self) -> None:
+        while self._locks:
+            os.close(self._locks.popitem()[1])
+
+    def __del__(self) -> None:
+        # A manager dropped without close() still lets go of its instance.
+        try:
+            self._unlock()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     # -- backend hooks ----------------------------------------------------------------------
     def _hierarchies(self) -> list[_Hierarchy]:
@@ -1120,15 +1198,7 @@ class _V1Manager(CgroupManager):
         with self._lock:
             if self._ready:
                 return
-            for h in self._hierarchies():
-                d = os.path.join(h.base_dir, INSTANCE_PREFIX + self.instance)
-                try:
-                    self._fs.mkdir(d)
-                except FileExistsError:
-                    pass
-                except OSError as e:
-                    raise LaunchError("failed to create the instance cgroup",
-                                      step="cgroup_instance", path=d, errno=e.errno) from None
+            self._make_instance_dirs()
             if "cpuset" in self._hier:
                 self._cpuset_cpus, self._cpuset_mems = self._setup_cpuset()
             self._ready = True
@@ -1229,14 +1299,8 @@ class _V2Manager(CgroupManager):
             if self._ready:
                 return
             fs = self._fs
+            self._make_instance_dirs()
             d = self._instance_dirs()[0]
-            try:
-                fs.mkdir(d)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise LaunchError("failed to create the instance cgroup", step="cgroup_instance",
-                                  path=d, errno=e.errno) from None
             procs = _read(fs, os.path.join(d, "cgroup.procs"), "cgroup_instance").split()
             if procs:
                 # No internal processes: a cgroup with processes cannot give controllers to

@@ -27,6 +27,9 @@ class RuntimeConfig:
     # Supervisors forked ahead of time (each with its user and pid namespace and init ready),
     # so a run does not wait for two forks. 0 disables. Each costs two idle processes.
     prefork: int = 2
+    # Network segments (sandboxd.network.config.parse_network_config's mapping: segments,
+    # uplink, ...). None: only "none" and "host" modes exist on this launcher.
+    network: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ error at any step, a dead supervisor or a launcher shutdown releases it on the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandboxd.errors import HostCapabilityError, LaunchError, PlanError, SandboxError
-from sandboxd.plan import DeniedSyscall, Limits, Plan, Result, Status
+from sandboxd.plan import Bind, DeniedSyscall, Limits, Plan, Result, Status
 from sandboxd.runtime import caps, hostinfo, linux, protocol, sandbox
 from sandboxd.runtime.config import RuntimeConfig
 
@@ -72,6 +73,7 @@ class _RunState:
     seccomp_info: dict = field(default_factory=dict)
     landlock_info: dict | None = None
     cgroup_readback: dict = field(default_factory=dict)
+    network: dict | None = None          # segment attach attestation, when the plan has one
 
     def release_stdin(self) -> None:
         if self.stdin_fd >= 0:
@@ -112,6 +114,10 @@ class Launcher:
         self.idmode = self.host["userns"]["id_mapping"]
         self.pool = IdPool(*self.host["userns"]["range"]) if self.host["userns"]["range"] else None
         self._lock_fd = _lock_instance(config)
+        self.netcfg = None
+        if config.network:
+            from sandboxd.network.config import parse_network_config   # pure; no pyroute2
+            self.netcfg = parse_network_config(config.network, source="RuntimeConfig.network")
         from sandboxd.runtime import cgroups
         self.cgroups = cgroups.CgroupManager.detect(root=config.cgroup_root, instance=config.instance)
         self.host["cgroups"] = self.cgroups.info()
@@ -135,7 +141,7 @@ class Launcher:
         if self.worker_pid == 0:
             try:
                 linux.close_fds_except((wsock.fileno(),))
-                host_worker(wsock, self.cgroups, self.idmode)
+                host_worker(wsock, self.cgroups, self.idmode, config.instance, self.netcfg)
             finally:
                 os._exit(1)
         wsock.close()
@@ -315,6 +321,13 @@ class Launcher:
         """Init is mapped, in the cgroup and waiting: hand over the run."""
         run = sup.run
         assert run is not None and sup.placed
+        if run.plan.network.mode == "segment" and run.network is None:
+            # The run's network namespace exists (init made it as a spare): the worker plugs
+            # it into the segment; the context follows when it answers.
+            self._worker_send(protocol.ATTACH, {"sup": sup.pid, "run_id": run.run_id,
+                                                "netns": f"/proc/{sup.init_pid}/ns/net",
+                                                "plan": run.plan.network, "name": run.plan.hostname})
+            return
         try:
             run.cgroup = run.ctx.cgroup = sup.cgroup
             run.cgroup_readback = self.cgroups.retune(sup.cgroup, run.plan.limits)
@@ -334,9 +347,14 @@ class Launcher:
     def _check_plan(self, plan: Plan) -> None:
         if not plan.argv:
             raise PlanError("argv is empty", step="plan")
-        if plan.network.mode not in ("none",):
-            raise HostCapabilityError(f"network mode {plan.network.mode!r} is not available in this runtime",
-                                      step="network")
+        if plan.network.mode == "segment":
+            if self.netcfg is None:
+                raise HostCapabilityError("network mode 'segment' but this launcher has no segments configured",
+                                          step="network", hint="configure RuntimeConfig.network")
+            from sandboxd.network.config import check_plan
+            check_plan(plan.network, self.netcfg)       # unknown segment: PlanError
+        elif plan.network.mode not in ("none", "host"):
+            raise PlanError(f"unknown network mode {plan.network.mode!r}", step="network")
         if plan.apparmor.profile and plan.apparmor.required and not self.host["apparmor"]["enabled"]:
             raise HostCapabilityError(
                 f"AppArmor profile {plan.apparmor.profile!r} is required but this host has no AppArmor",
@@ -438,7 +456,14 @@ class Launcher:
             if self.pool is not None:
                 self.pool.release(rep["uid"])
             return
+        if kind == protocol.DETACH:
+            if rep.get("error"):
+                print(f"sandboxd-launcher: network detach: {rep['error']}", file=sys.stderr)
+            return
         sup = self.sups.get(rep["sup"])
+        if kind == protocol.ATTACH:
+            self._on_attached(sup, rep)
+            return
         if sup is None or sup.exited:
             if rep.get("cg") is not None:   # the supervisor died meanwhile: nothing will remove it
                 self._worker_send(protocol.REMOVE, {"cg": rep["cg"], "uid": None})
@@ -461,6 +486,32 @@ class Launcher:
         sup.placed = True
         if sup.run is not None:
             self._dispatch(sup)
+
+    def _on_attached(self, sup: "_Sup | None", rep: dict) -> None:
+        if rep.get("error") is None and rep.get("attestation", {}).get("mode") == "segment":
+            run_id = rep["run_id"]
+            if sup is None or sup.exited or sup.run is None:
+                self._worker_send(protocol.DETACH, {"run_id": run_id})
+                return
+            sup.stack.callback(self._worker_send, protocol.DETACH, {"run_id": run_id})
+        if sup is None or sup.exited or sup.run is None:
+            return
+        run = sup.run
+        if rep.get("error"):
+            run.report = {"launch_error": rep["error"]}
+            linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+            return
+        run.network = rep["attestation"]
+        hosts = run.network.get("hosts_file")
+        if hosts:
+            # The segment's hosts file (kept current by the worker, in place) replaces the
+            # generated /etc/hosts, so members find each other by name.
+            fs = run.plan.filesystem
+            plan = dataclasses.replace(run.plan, filesystem=dataclasses.replace(
+                fs, files=tuple(f for f in fs.files if f[0] != "/etc/hosts"),
+                binds=fs.binds + (Bind(source=hosts, target="/etc/hosts"),)))
+            run.plan = run.ctx.plan = plan
+        self._dispatch(sup)
 
     def _on_exit(self, sup: _Sup) -> None:
         """The supervisor is gone: answer the client if not done yet, then release everything."""
@@ -565,7 +616,7 @@ class Launcher:
             "apparmor": {"requested": run.plan.apparmor.profile, "host": self.host["apparmor"]},
             "cgroup": dict(run.cgroup_readback),
             "rlimits": parse_proc_limits(att.get("limits", "")),
-            "network": {"mode": run.plan.network.mode},
+            "network": run.network or {"mode": run.plan.network.mode},
         }
 
     def shutdown(self) -> None:
@@ -620,7 +671,8 @@ def _lock_instance(config: RuntimeConfig) -> int:
     return fd
 
 
-def host_worker(sock: socket.socket, cgroups: Any, idmode: str) -> None:
+def host_worker(sock: socket.socket, cgroups: Any, idmode: str, instance: str = "default",
+                netcfg: Any = None) -> None:
     """A second single-threaded process, forked at start, for the slow privileged host steps.
 
     Creating a cgroup and moving a process into it (v1: an RCU grace period per hierarchy,
@@ -629,12 +681,29 @@ def host_worker(sock: socket.socket, cgroups: Any, idmode: str) -> None:
     time and answers each request; the launcher goes on meanwhile. Requests and answers are
     pickled: both ends are this module."""
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="host_worker")
+    net = None
+
+    def network() -> Any:
+        # Made on first use: pyroute2 takes a few hundred ms to import, which runs without
+        # segments never pay.
+        nonlocal net
+        if net is None:
+            from sandboxd.network.manager import NetworkManager
+            net = NetworkManager(instance=instance, config=netcfg)
+            net.cleanup_stale()
+        return net
+
     while True:
         try:
             kind, payload, _ = protocol.recv(sock)
         except OSError:
-            os._exit(0)
+            kind = b""
         if kind == b"":
+            if net is not None:
+                try:
+                    net.close()
+                except SandboxError as e:
+                    print(f"sandboxd-worker: network close: {e}", file=sys.stderr)
             os._exit(0)
         req = pickle.loads(payload)
         rep: dict[str, Any] = {"sup": req.get("sup"), "uid": req.get("uid")}
@@ -657,6 +726,24 @@ def host_worker(sock: socket.socket, cgroups: Any, idmode: str) -> None:
         elif kind == protocol.REMOVE:
             try:
                 req["cg"].remove()
+            except SandboxError as e:
+                rep["error"] = str(e)
+        elif kind == protocol.ATTACH:
+            rep["run_id"] = req["run_id"]
+            try:
+                mgr = network()
+                att = mgr.attach(req["run_id"], req["netns"], req["plan"], name=req["name"])
+                if att.get("mode") == "segment":
+                    att["hosts_file"] = mgr.hosts_file(req["plan"].segment)
+                rep["attestation"] = att
+            except SandboxError as e:
+                rep["error"] = e.to_dict()
+            except OSError as e:
+                rep["error"] = LaunchError(str(e), step="network.attach", errno=e.errno).to_dict()
+        elif kind == protocol.DETACH:
+            try:
+                if net is not None:
+                    net.detach(req["run_id"])
             except SandboxError as e:
                 rep["error"] = str(e)
         protocol.send(sock, kind, pickle.dumps(rep))

@@ -12,7 +12,7 @@ Frames
   launcher -> supervisor -> init       PLACED {"uid","gid","net"}: mapped and in the cgroup
   launcher -> supervisor               CTX pickled RunContext, fds [run socket, stdin]
   supervisor -> init -> workload       CTX the same bytes, fds [stdin]
-  launcher <-> host worker             PREPARE / REMOVE requests and answers (pickled)
+  launcher <-> host worker             PREPARE / REMOVE / ATTACH / DETACH requests and answers (pickled)
   workload -> supervisor (sync)        EXEC {attestation} + [seccomp listener fd], ERROR {...}
   supervisor -> workload (sync)        ACK
 """
@@ -40,6 +40,8 @@ CTX = b"K"
 PLACED = b"L"
 PREPARE = b"Q"
 REMOVE = b"D"
+ATTACH = b"N"
+DETACH = b"O"
 
 MAX_FRAME = 1 << 17
 
