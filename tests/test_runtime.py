@@ -387,7 +387,12 @@ def test_no_leaks_after_200_runs(runtime):
             uid = int(open(f"/proc/{p}/status").read().split("\nUid:")[1].split()[1])
         except (OSError, IndexError):
             continue
-        assert not start <= uid < start + count or _is_spare(p), f"pid {p} (uid {uid}) outlived its run"
+        if start <= uid < start + count and not _is_spare(p):
+            try:
+                what = open(f"/proc/{p}/cmdline", "rb").read(), open(f"/proc/{p}/stat").read()
+            except OSError:
+                continue   # it was exiting
+            pytest.fail(f"pid {p} (uid {uid}) outlived its run: {what}")
     assert _run_cgroups(cg_dirs0) == []
 
 
@@ -401,7 +406,7 @@ def _is_spare(pid: str) -> bool:
 
 def _run_cgroups(info) -> list[str]:
     out = []
-    for base in info.get("instance_paths", []):
+    for base in info["instance_dirs"]:
         if os.path.isdir(base):
             out += [d for d in os.listdir(base) if d.startswith("run-")]
     return out

@@ -10,8 +10,10 @@ from typing import Any
 @dataclass(frozen=True)
 class RuntimeConfig:
     # Host uids/gids handed out one per concurrent run when the launcher runs as root.
-    # The default range sits far above ordinary users and Debian's subuid ranges.
-    uid_range_start: int = 2_000_000
+    # None: the launcher claims the first free block of `uid_range_count` ids from 2,000,000 up
+    # (far above ordinary users and Debian's subuid ranges), holding a lock per block so two
+    # launchers on one host never hand out the same id. A configured start is locked the same way.
+    uid_range_start: int | None = None
     uid_range_count: int = 65_536
     # Where sandboxd's cgroups go. None: below the cgroup the launcher itself is in (per
     # controller on v1), as a delegated service does.

@@ -27,6 +27,32 @@ def subid_range(path: str, user: str, uid: int) -> tuple[int, int] | None:
     return None
 
 
+UID_BLOCKS_FROM = 2_000_000
+UID_BLOCKS = 256
+_claimed: list[int] = []   # lock fds, held for the process's life
+
+
+def claim_uid_block(config: Any) -> tuple[int, int]:
+    """A block of host ids no other launcher on this host hands out (flock per block)."""
+    import fcntl
+    count = config.uid_range_count
+    lockdir = os.path.join(os.path.dirname(os.path.abspath(config.root_mountpoint)), "uid-blocks")
+    os.makedirs(lockdir, mode=0o700, exist_ok=True)
+    starts = [config.uid_range_start] if config.uid_range_start is not None else \
+        [UID_BLOCKS_FROM + k * count for k in range(UID_BLOCKS)]
+    for start in starts:
+        fd = os.open(os.path.join(lockdir, f"{start}-{count}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _claimed.append(fd)
+        return start, count
+    raise HostCapabilityError("every host uid block is held by another launcher", step="userns",
+                              path=lockdir, hint="stop a launcher or configure uid_range_start")
+
+
 def landlock_abi() -> int:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -59,7 +85,7 @@ def probe(config: Any) -> dict[str, Any]:
     if mode == "direct":
         if uid != 0:
             raise HostCapabilityError("id_mapping=direct needs root", step="userns")
-        rng = (config.uid_range_start, config.uid_range_count)
+        rng = claim_uid_block(config)
     elif mode == "newuidmap":
         su = subid_range("/etc/subuid", user, uid)
         sg = subid_range("/etc/subgid", user, uid)
