@@ -351,8 +351,11 @@ def test_twenty_concurrent_runs_are_isolated(runtime):
 
 
 def _snapshot():
-    # Named network namespaces come and go with other tests (network tier); runs never make any.
-    mounts = [m for m in open("/proc/self/mountinfo").read().splitlines() if "/run/netns/" not in m]
+    # Runs mount only inside their own mount namespaces: nothing of theirs (the root tmpfs,
+    # named "sandboxd", or anything at the root mountpoint) may ever show on the host. Other
+    # tests on this machine may mount things of their own meanwhile; those are not compared.
+    mounts = [m for m in open("/proc/self/mountinfo").read().splitlines()
+              if "/run/sandboxd/root" in m or " - tmpfs sandboxd " in m]
     procs = {p for p in os.listdir("/proc") if p.isdigit()}
     return mounts, procs
 
