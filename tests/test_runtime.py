@@ -419,3 +419,19 @@ def _run_cgroups(info) -> list[tuple[str, str]]:
         if os.path.isdir(base):
             out += [(base, d) for d in os.listdir(base) if d.startswith("run-")]
     return out
+
+
+# --- AppArmor: required never silently downgraded ---------------------------------------------
+def test_apparmor_required_on_a_host_without_it_is_refused(runtime):
+    from sandboxd.plan import AppArmorPlan
+    from sandboxd.errors import HostCapabilityError
+    if runtime.host_info()["apparmor"]["enabled"]:
+        pytest.skip("host lacks: no AppArmor (this host has it; tests/vm proves enforcement)")
+    p = plan(["/bin/true"])
+    with pytest.raises(HostCapabilityError) as ei:
+        runtime.run(dataclasses.replace(p, apparmor=AppArmorPlan(profile="sandboxd-judge", required=True)))
+    assert ei.value.step == "apparmor" and "is required, but this host cannot apply it" in str(ei.value)
+    r = runtime.run(dataclasses.replace(p, apparmor=AppArmorPlan(profile="sandboxd-judge", required=False)))
+    assert r.status == Status.OK
+    assert r.attestation["apparmor"]["applied"] is False
+    assert r.attestation["apparmor"]["reason"] == "not applied (host lacks AppArmor)"

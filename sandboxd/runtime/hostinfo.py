@@ -62,8 +62,8 @@ def landlock_abi() -> int:
 
 
 def apparmor_state() -> dict[str, Any]:
-    enabled = (_read("/sys/module/apparmor/parameters/enabled") or "N").upper().startswith("Y")
-    return {"enabled": enabled and os.path.isdir("/sys/kernel/security/apparmor")}
+    from sandboxd.runtime import apparmor
+    return apparmor.host_support()
 
 
 def probe(config: Any) -> dict[str, Any]:

@@ -74,6 +74,7 @@ class _RunState:
     landlock_info: dict | None = None
     cgroup_readback: dict = field(default_factory=dict)
     network: dict | None = None          # segment attach attestation, when the plan has one
+    apparmor_info: dict = field(default_factory=dict)
 
     def release_stdin(self) -> None:
         if self.stdin_fd >= 0:
@@ -134,6 +135,7 @@ class Launcher:
                         ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")}
         self._seccomp_cache: dict[tuple, Any] = {}
         self._landlock_cache: dict[tuple, Any] = {}
+        self._apparmor_cache: dict[tuple, Any] = {}
         self._spawned = 0
         self._worker_pending = 0
         self.worker, wsock = protocol.seqpacket_pair()
@@ -301,11 +303,12 @@ class Launcher:
                                  root_mountpoint=self.config.root_mountpoint)
         seccomp_info = self._prepare_seccomp(plan, ctx)
         landlock_info = self._prepare_landlock(plan, ctx)
-        self._prepare_apparmor(plan, ctx)
+        apparmor_info = self._prepare_apparmor(plan, ctx)
         sup = self._take_spare((plan.user.inside_uid, plan.user.inside_gid, plan.network.mode != "host"))
         run_id = plan.run_id or f"{os.getpid()}-{time.monotonic_ns()}"
         run = _RunState(run_id=run_id, plan=plan, ctx=ctx, run_sock=run_sock, stdin_fd=stdin_fd,
-                        cgroup=None, seccomp_info=seccomp_info, landlock_info=landlock_info)
+                        cgroup=None, seccomp_info=seccomp_info, landlock_info=landlock_info,
+                        apparmor_info=apparmor_info)
         sup.run = run
         sup.stack.callback(run.release_stdin)   # by reference: the fd may be handed over earlier
         if plan.filesystem.work_host_path:
@@ -355,10 +358,8 @@ class Launcher:
             check_plan(plan.network, self.netcfg)       # unknown segment: PlanError
         elif plan.network.mode not in ("none", "host"):
             raise PlanError(f"unknown network mode {plan.network.mode!r}", step="network")
-        if plan.apparmor.profile and plan.apparmor.required and not self.host["apparmor"]["enabled"]:
-            raise HostCapabilityError(
-                f"AppArmor profile {plan.apparmor.profile!r} is required but this host has no AppArmor",
-                step="apparmor", hint="run on a kernel with AppArmor enabled, or make the profile not required")
+        from sandboxd.runtime import apparmor
+        apparmor.check_plan(plan.apparmor, self.host["apparmor"])   # required but impossible: refused
 
     def _prepare_seccomp(self, plan: Plan, ctx: sandbox.RunContext) -> dict:
         if plan.seccomp is None:
@@ -404,11 +405,18 @@ class Launcher:
         return {"enabled": True, "abi": abi, "mode": plan.landlock.mode,
                 "unenforced": list(getattr(rules, "unenforced", []))}
 
-    def _prepare_apparmor(self, plan: Plan, ctx: sandbox.RunContext) -> None:
-        if not plan.apparmor.profile or not self.host["apparmor"]["enabled"]:
-            return
+    def _prepare_apparmor(self, plan: Plan, ctx: sandbox.RunContext) -> dict:
+        """Decide, load the profile if needed (once per profile and mode: the parser is slow),
+        and give the workload its exec transition."""
         from sandboxd.runtime import apparmor
-        ctx.apparmor_exec = apparmor.prepare_exec(plan.apparmor)
+        key = (plan.apparmor.profile, plan.apparmor.mode, plan.apparmor.required)
+        prep = self._apparmor_cache.get(key)
+        if prep is None:
+            prep = apparmor.prepare(plan.apparmor, support=self.host["apparmor"])
+            if plan.apparmor.profile is not None:
+                self._apparmor_cache[key] = prep
+        ctx.apparmor_transition = prep.transition
+        return dict(prep.report)
 
     def _on_lsock(self, sup: _Sup) -> None:
         try:
@@ -613,7 +621,8 @@ class Launcher:
             "seccomp": dict(run.seccomp_info, mode=outside.get("Seccomp"),
                             filters=outside.get("Seccomp_filters")),
             "landlock": dict(run.landlock_info or {}, applied=att.get("landlock")),
-            "apparmor": {"requested": run.plan.apparmor.profile, "host": self.host["apparmor"]},
+            "apparmor": dict(run.apparmor_info, **(att.get("apparmor") or {}),
+                             host_enabled=self.host["apparmor"]["enabled"]),
             "cgroup": dict(run.cgroup_readback),
             "rlimits": parse_proc_limits(att.get("limits", "")),
             "network": run.network or {"mode": run.plan.network.mode},

@@ -38,7 +38,7 @@ from typing import Any
 
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.plan import Plan
-from sandboxd.runtime import caps, landlock, linux, mounts, protocol, seccomp
+from sandboxd.runtime import apparmor, caps, landlock, linux, mounts, protocol, seccomp
 
 # Everything the children use is imported here, in the launcher: after pivot_root the package's
 # files are out of reach, so a child can import nothing.
@@ -60,7 +60,7 @@ class RunContext:
     keep_caps: int
     seccomp_compiled: Any = None        # seccomp.CompiledFilter; None: no filter
     landlock_rules: Any = None          # landlock.LandlockRules; None: no Landlock
-    apparmor_exec: tuple[str, bytes] | None = None
+    apparmor_transition: Any = None     # apparmor.ExecTransition; None: no profile to apply
     root_mountpoint: str = "/run/sandboxd/root"   # from RuntimeConfig: a host detail, not the plan's
     cgroup: Any = None                  # the run's RunCgroup; the supervisor polls its CPU time
     host_ns: dict = field(default_factory=dict)
@@ -89,9 +89,8 @@ def contain_and_exec(ctx: RunContext, sync: socket.socket) -> None:
     apply_rlimits(plan)                            # before caps: lowering needs nothing, raising is gone after
     exe = resolve_executable(plan)                 # inside the new root, before seccomp narrows syscalls
     caps.drop_to(ctx.keep_caps, plan.user.inside_uid, plan.user.inside_gid)
-    if ctx.apparmor_exec is not None:              # takes effect at execve; before Landlock, which
-        path, data = ctx.apparmor_exec             # makes /proc/self read-only
-        linux.write_file(path, data, step="apparmor")
+    if ctx.apparmor_transition is not None:        # takes effect at execve; before Landlock, which
+        apparmor.apply_exec(ctx.apparmor_transition)   # makes /proc/self read-only
     linux.set_no_new_privs()                       # before Landlock and seccomp: both need it unprivileged,
                                                    # and setuid binaries can no longer regain anything
     landlock_att = None
@@ -483,6 +482,8 @@ def _supervise(lsock: socket.socket) -> int:
                     # EOF: the workload exec'd (the socket is CLOEXEC) or died. An execve that
                     # fails after EXEC still reports on this socket first.
                     sel.unregister(sync_p)
+                    if ctx.apparmor_transition is not None and st.launch_error is None:
+                        _verify_apparmor(ctx, st, kill)
             elif tag == "notify":
                 if not _on_notify(ctx, listener, st, kill):
                     sel.unregister(listener)
@@ -563,6 +564,7 @@ def _on_sync(ctx: RunContext, sync_p: socket.socket, st: _Run, lsock: socket.soc
         # Read back what the kernel says of the workload, from outside it, while it waits.
         status = _read(f"/proc/{wpid}/status")
         att["status_outside"] = status
+        att["_wpid"] = wpid
     st.attestation.update(att)
     st.attestation["_listener"] = fds[0] if fds else -1
     if ctx.cgroup is not None:
@@ -570,6 +572,32 @@ def _on_sync(ctx: RunContext, sync_p: socket.socket, st: _Run, lsock: socket.soc
     st.t_exec_ns = time.monotonic_ns()
     sync_p.send(protocol.ACK)
     return True
+
+
+def _verify_apparmor(ctx: RunContext, st: _Run, kill: Any) -> None:
+    """Read the workload's confinement back from the kernel once it has exec'd; a workload not
+    confined as planned is killed and the run fails (fail closed)."""
+    wpid = st.attestation.get("_wpid")
+    if not wpid:
+        return
+    t = ctx.apparmor_transition
+    deadline = time.monotonic() + 0.2
+    while True:
+        try:
+            conf = apparmor.read_confinement(wpid)
+        except SandboxError:
+            st.attestation["apparmor"] = {"verified": False, "reason": "exited before read-back"}
+            return
+        try:
+            st.attestation["apparmor"] = dict(apparmor.verify(t, conf), verified=True)
+            return
+        except SandboxError as e:
+            # The sync socket closes a moment before the new credentials are committed.
+            if time.monotonic() > deadline:
+                st.launch_error = e.to_dict()
+                kill("APPARMOR")
+                return
+            time.sleep(0.002)
 
 
 def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
