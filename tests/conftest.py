@@ -17,7 +17,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # Features this host kernel lacks by design and that tests/vm runs for real in the VM.
-VM_COVERED = ("apparmor", "cgroup v2", "cgroup2", "no apparmor")
+VM_COVERED = ("apparmor", "cgroup v2", "cgroup2")
 
 _skips: list[tuple[str, str]] = []
 

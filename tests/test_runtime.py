@@ -422,14 +422,19 @@ def _run_cgroups(info) -> list[tuple[str, str]]:
 
 
 # --- AppArmor: required never silently downgraded ---------------------------------------------
-def test_apparmor_required_on_a_host_without_it_is_refused(runtime):
+def test_apparmor_required_is_applied_or_refused_never_downgraded(runtime):
     from sandboxd.plan import AppArmorPlan
     from sandboxd.errors import HostCapabilityError
-    if runtime.host_info()["apparmor"]["enabled"]:
-        pytest.skip("host lacks: no AppArmor (this host has it; tests/vm proves enforcement)")
     p = plan(["/bin/true"])
-    with pytest.raises(HostCapabilityError) as ei:
-        runtime.run(dataclasses.replace(p, apparmor=AppArmorPlan(profile="sandboxd-judge", required=True)))
+    required = dataclasses.replace(p, apparmor=AppArmorPlan(profile="sandboxd-judge", required=True))
+    if runtime.host_info()["apparmor"]["enabled"]:      # the VM tier: applied and read back
+        r = runtime.run(required)
+        assert r.status == Status.OK, (r.status, r.stderr)
+        assert r.attestation["apparmor"]["applied"] is True
+        assert r.attestation["apparmor"].get("verified") in (True, False)
+        return
+    with pytest.raises(HostCapabilityError) as ei:     # this host: refused, with the reason
+        runtime.run(required)
     assert ei.value.step == "apparmor" and "is required, but this host cannot apply it" in str(ei.value)
     r = runtime.run(dataclasses.replace(p, apparmor=AppArmorPlan(profile="sandboxd-judge", required=False)))
     assert r.status == Status.OK
