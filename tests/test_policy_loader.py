@@ -254,3 +254,22 @@ def test_docs_reference_matches_the_schema(doc, schema):
     for key, tp, default, meaning in reference(schema):
         row = f"| `{key}` | {tp} | {default} | {meaning} |"
         assert row in text, f"docs/{doc} is missing or has a stale row for {key}:\n{row}"
+
+
+def test_segments_come_from_the_runtime_network_config():
+    from sandboxd.engine.config import load_context
+    cfg = parse_config(textwrap.dedent("""\
+        version: 1
+        runtime:
+          network:
+            segments:
+              lab: {subnet: 10.251.9.0/24}
+        """), "server.yaml")
+    ctx = load_context(cfg)
+    assert ctx.segments == frozenset({"lab"})
+    text = GOOD + "network: {allowed: [none, 'segment:lab'], default: none}\n"
+    load_policy_texts([("p.yaml", text)], LoadContext(profile_dir=PROFILES, known_tenants=frozenset({"alice"}),
+                                                      segments=ctx.segments))
+    bad = GOOD + "network: {allowed: [none, 'segment:web'], default: none}\n"
+    assert any("unknown network segment 'web' (lab)" in p for p in problems(bad, ctx=LoadContext(
+        profile_dir=PROFILES, known_tenants=frozenset({"alice"}), segments=ctx.segments)))

@@ -195,8 +195,10 @@ def load_context(cfg: ServerConfig) -> LoadContext:
     forbidden = [cfg.state_dir]
     if cfg.listen.unix is not None:
         forbidden.append(os.path.dirname(cfg.listen.unix.path))
+    # Segments exist where the runtime is configured with them (runtime.network.segments).
+    segments = frozenset(((cfg.runtime or {}).get("network") or {}).get("segments") or {})
     return LoadContext(profile_dir=cfg.profile_dir, known_tenants=frozenset(cfg.tenants),
-                       forbidden_sources=tuple(forbidden))
+                       forbidden_sources=tuple(forbidden), segments=segments)
 
 
 def load_policies_for(cfg: ServerConfig, config_file: str | None = None) -> PolicySet:
