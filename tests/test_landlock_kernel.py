@@ -434,8 +434,7 @@ def test_rules_match_the_root_that_mounts_builds(tmp_path: Path):
                Bind("/etc/ssl", "/etc/ssl", optional=True)),
         tmpfs=(Tmpfs("/tmp", 1 << 20),),
         symlinks=(("/bin", "usr/bin"), ("/lib", "usr/lib")),
-        files=(("/etc/passwd", "root:x:0:0::/:/bin/sh\n"),),
-        root_mountpoint=str(tmp_path))
+        files=(("/etc/passwd", "root:x:0:0::/:/bin/sh\n"),))
     prepared = ll.prepare(ll.resolve(Plan(argv=("/bin/sh",), filesystem=fs), ABI))
     script = ("cat /etc/passwd; echo hi > /tmp/x && cat /tmp/x; "
               "cp /bin/true /tmp/t; /tmp/t; echo tmp_exec=$?; "
@@ -444,7 +443,7 @@ def test_rules_match_the_root_that_mounts_builds(tmp_path: Path):
 
     def child():
         linux.unshare(linux.CLONE_NEWNS)
-        mounts.build_root(fs, "sandbox")
+        mounts.build_root(fs, str(tmp_path))
         set_nnp()
         att = ll.apply(prepared)
         p = subprocess.run(["/bin/sh", "-c", script], capture_output=True)

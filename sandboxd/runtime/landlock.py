@@ -295,12 +295,10 @@ def resolve_parts(fs: FilesystemPlan, ll: LandlockPlan, network_mode: str, abi: 
             access = READ_WRITE
         elif any(_is_beneath(b.target, d) for d in SYSTEM_EXEC_DIRS):
             access = READ_EXEC
-        elif _is_beneath(b.target, "/etc"):
-            access = READ
         else:
-            # Read-only binds hold the programs a run is for (a judge's solution and checker);
-            # executing a file the run may read gives it nothing more.
-            access = READ_EXEC
+            # Read-only data: no execute. The program the plan runs gets a file rule of its own
+            # (argv[0] below), so a judge's bound solution runs and nothing beside it does.
+            access = READ
         grant(b.target, access, f"bind {b.target}", optional=b.optional)
     for t in fs.tmpfs:
         grant(t.target, READ_WRITE, f"tmpfs {t.target}")

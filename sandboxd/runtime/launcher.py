@@ -287,6 +287,7 @@ class Launcher:
 
     # -- one run -------------------------------------------------------------------------------
     def _start(self, payload: bytes, run_sock: socket.socket, stdin_fd: int) -> None:
+        check_stdin(stdin_fd)
         try:
             plan = pickle.loads(payload)
         except Exception as e:  # noqa: BLE001 - whatever a bad pickle raises
@@ -656,6 +657,25 @@ class Launcher:
         except SandboxError as e:
             if os.geteuid() == 0:          # a delegated (rootless) instance belongs to its delegator
                 print(f"sandboxd-launcher: {e}", file=sys.stderr)
+
+
+def check_stdin(fd: int) -> None:
+    """The workload's stdin must be data, never a handle on the host: a directory fd is an
+    openat() root outside the sandbox, a socket a connection the plan did not grant. Regular
+    files (memfds too), pipes and /dev/null only."""
+    import stat
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise PlanError("stdin is not an open file", step="stdin", errno=e.errno) from None
+    if stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3):   # /dev/null
+        return
+    kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a file")
+    raise PlanError(f"stdin is {kind}; only a regular file, a pipe or /dev/null may be given",
+                    step="stdin")
 
 
 def _lock_instance(config: RuntimeConfig) -> int:
