@@ -47,7 +47,12 @@ def private_runtime(tag: str, **cfg):
         yield rt
     finally:
         rt.close()
-        Runtime(RuntimeConfig(instance=inst, prefork=0)).close()
+        cfg2 = RuntimeConfig(instance=inst, prefork=0)
+        Runtime(cfg2).close()
+        # The launcher leaves its instance lock file behind; this instance is ours alone.
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(os.path.dirname(os.path.abspath(cfg2.root_mountpoint)),
+                                   f"instance-{inst}.lock"))
 
 
 # --- filesystems: every byte lands in a capped tmpfs that is charged to the run -----------------
