@@ -43,19 +43,20 @@ everything, so in effect by the workload's profile). The launcher profile must a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import re
-import subprocess
+import shutil
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sandboxd.errors import HostCapabilityError, LaunchError, PlanError, ProfileError
+from sandboxd.runtime import linux
 
 __all__ = [
     "ExecTransition", "Prepared", "apply_exec", "check_plan", "ensure_loaded", "find_profile",
@@ -107,29 +108,22 @@ def _read(path: str) -> str | None:
         return None
 
 
-_parser_cache: dict[str, tuple[str | None, str | None]] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _parser() -> tuple[str | None, str | None]:
-    """(path, version) of apparmor_parser, or (None, None). Cached: it does not change."""
-    if "p" not in _parser_cache:
-        path = None
-        for d in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/sbin", "/sbin"]:
-            cand = os.path.join(d or ".", "apparmor_parser")
-            if os.access(cand, os.X_OK):
-                path = cand
-                break
-        version = None
-        if path:
-            try:
-                out = subprocess.run([path, "--version"], capture_output=True, text=True,
-                                     timeout=30).stdout
-                m = re.search(r"version (\d+(?:\.\d+)*)", out)
-                version = m.group(1) if m else None
-            except (OSError, subprocess.TimeoutExpired):
-                version = None
-        _parser_cache["p"] = (path, version)
-    return _parser_cache["p"]
+    """(path, version) of apparmor_parser, or (None, None). Probed once: it does not change."""
+    import subprocess   # only the probe and the loader need it
+    path = shutil.which("apparmor_parser",
+                        path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin")
+    version = None
+    if path:
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+            m = re.search(r"version (\d+(?:\.\d+)*)", out)
+            version = m.group(1) if m else None
+        except (OSError, subprocess.TimeoutExpired):
+            version = None
+    return path, version
 
 
 def _major(version: str | None) -> int:
@@ -188,7 +182,6 @@ def host_support(*, securityfs: str = SECURITYFS, enabled_param: str = ENABLED_P
 
 _lib: Any = None
 _lib_tried = False
-_lib_lock = threading.Lock()
 
 
 def libapparmor() -> Any:
@@ -201,35 +194,32 @@ def libapparmor() -> Any:
     global _lib, _lib_tried
     if _lib_tried:
         return _lib
-    with _lib_lock:
-        if _lib_tried:
-            return _lib
+    mod = None
+    try:
+        import LibAppArmor as mod  # type: ignore[import-not-found, no-redef]
+    except ImportError:
+        for d in DIST_PACKAGES:
+            init = os.path.join(d, "LibAppArmor", "__init__.py")
+            if not os.path.exists(init):
+                continue
+            spec = importlib.util.spec_from_file_location(
+                "LibAppArmor", init, submodule_search_locations=[os.path.dirname(init)])
+            if spec is None or spec.loader is None:
+                continue
+            m = importlib.util.module_from_spec(spec)
+            sys.modules["LibAppArmor"] = m
+            try:
+                spec.loader.exec_module(m)
+            except Exception:      # wrong Python ABI for the extension, broken install
+                sys.modules.pop("LibAppArmor", None)
+                sys.modules.pop("LibAppArmor.LibAppArmor", None)
+                continue
+            mod = m
+            break
+    if mod is not None and not all(hasattr(mod, f) for f in ("aa_change_onexec", "aa_stack_onexec")):
         mod = None
-        try:
-            import LibAppArmor as mod  # type: ignore[import-not-found, no-redef]
-        except ImportError:
-            for d in DIST_PACKAGES:
-                init = os.path.join(d, "LibAppArmor", "__init__.py")
-                if not os.path.exists(init):
-                    continue
-                spec = importlib.util.spec_from_file_location(
-                    "LibAppArmor", init, submodule_search_locations=[os.path.dirname(init)])
-                if spec is None or spec.loader is None:
-                    continue
-                m = importlib.util.module_from_spec(spec)
-                sys.modules["LibAppArmor"] = m
-                try:
-                    spec.loader.exec_module(m)
-                except Exception:      # wrong Python ABI for the extension, broken install
-                    sys.modules.pop("LibAppArmor", None)
-                    sys.modules.pop("LibAppArmor.LibAppArmor", None)
-                    continue
-                mod = m
-                break
-        if mod is not None and not all(hasattr(mod, f) for f in ("aa_change_onexec", "aa_stack_onexec")):
-            mod = None
-        _lib, _lib_tried = mod, True
-        return _lib
+    _lib, _lib_tried = mod, True
+    return _lib
 
 
 # -- profiles: find, parse the header, render ----------------------------------------------------
@@ -332,6 +322,7 @@ def _check_header(text: str, path: str) -> Header:
 
 def _run_parser(args: list[str], text: str, path: str, step: str) -> None:
     """Run apparmor_parser on `text` (the rendering of `path`); errors name `path` and the line."""
+    import subprocess
     parser, _ = _parser()
     if parser is None:
         raise HostCapabilityError("apparmor_parser is not installed", step=step, path=path,
@@ -420,7 +411,6 @@ def loaded_profiles(securityfs: str = SECURITYFS) -> dict[str, str]:
 
 
 _loaded: dict[str, str] = {}     # label -> sha256 of the text this process loaded
-_load_lock = threading.Lock()
 
 
 def _label(name: str, mode: str) -> str:
@@ -466,15 +456,14 @@ def ensure_loaded(name: str, path: str, *, mode: str = "enforce",
     _check_header(text, path)
     rendered = render_profile(text, path, complain=(mode == "complain"), abi4=support["abi4"])
     digest = hashlib.sha256(rendered.encode()).hexdigest()
-    with _load_lock:
-        if _loaded.get(label) == digest and loaded_profiles(securityfs).get(label) == mode:
-            return label
-        _run_parser(["--replace", "--skip-cache", "--quiet"], rendered, path, "apparmor_load")
-        got = loaded_profiles(securityfs).get(label)
-        if got != mode:
-            raise LaunchError(f"apparmor_parser loaded {path} but the kernel lists {label!r} as "
-                              f"{got or 'not loaded'}, not {mode}", step="apparmor_load", path=path)
-        _loaded[label] = digest
+    if _loaded.get(label) == digest and loaded_profiles(securityfs).get(label) == mode:
+        return label
+    _run_parser(["--replace", "--skip-cache", "--quiet"], rendered, path, "apparmor_load")
+    got = loaded_profiles(securityfs).get(label)
+    if got != mode:
+        raise LaunchError(f"apparmor_parser loaded {path} but the kernel lists {label!r} as "
+                          f"{got or 'not loaded'}, not {mode}", step="apparmor_load", path=path)
+    _loaded[label] = digest
     return label
 
 
@@ -556,14 +545,26 @@ class Prepared:
         return None if t is None else (t.attr_path, t.data)
 
 
+_default_support: dict[str, Any] | None = None
+
+
+def _support() -> dict[str, Any]:
+    # What the host can do does not change while a launcher lives: probe once, not per run.
+    global _default_support
+    if _default_support is None:
+        _default_support = host_support()
+    return _default_support
+
+
 def prepare(plan: Any, *, support: dict[str, Any] | None = None,
             dirs: tuple[str | Path, ...] | None = None) -> Prepared:
     """Launcher side, per run, before fork: decide, load if needed, resolve the transition."""
-    support = support if support is not None else host_support()
+    support = support if support is not None else _support()
     report = check_plan(plan, support)
     if not report["applied"]:
         return Prepared(None, report)
-    path = find_profile(plan.profile, dirs)
+    # A plan that carries the resolved file (as SeccompPlan does) wins over the lookup.
+    path = getattr(plan, "path", None) or find_profile(plan.profile, dirs)
     label = ensure_loaded(plan.profile, path, mode=plan.mode, support=support)
     libapparmor()            # import now: after pivot_root the child may not see the module
     t = resolve_transition(label, plan.mode, support, plan.profile)
@@ -582,11 +583,12 @@ def prepare_exec(plan: Any, *, support: dict[str, Any] | None = None,
 def _proc_is_ours() -> bool:
     # LibAppArmor writes /proc/<gettid()>/attr/...: wrong when the /proc mounted here belongs to
     # another pid namespace (between unshare(CLONE_NEWPID) and mounting the run's own /proc).
+    # /proc/self resolves in the mount's namespace, getpid() in ours: equal when they agree
+    # (the workload is single-threaded, so its tid is its pid).
     try:
-        tid = int(os.readlink("/proc/thread-self").rsplit("/", 1)[1])
-    except (OSError, ValueError, IndexError):
+        return int(os.readlink("/proc/self")) == os.getpid()
+    except (OSError, ValueError):
         return False
-    return tid == threading.get_native_id()
 
 
 def apply_exec(t: ExecTransition | tuple[str, bytes], *, method: str = "auto") -> str:
@@ -613,15 +615,9 @@ def apply_exec(t: ExecTransition | tuple[str, bytes], *, method: str = "auto") -
             raise LaunchError(f"{fn.__name__}({label!r})", step="apparmor_exec",
                               errno=e.errno) from None
         return "libapparmor"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise LaunchError(f"write {data.decode(errors='replace')!r}", step="apparmor_exec",
-                          path=path, errno=e.errno) from None
+    # One write() with os.write: a buffered file would report the kernel's refusal only at
+    # close, where Python may drop it.
+    linux.write_file(path, data, step="apparmor_exec")
     return "procfs"
 
 

@@ -161,15 +161,30 @@ class Launcher:
                     if not self._on_ctl():
                         self.shutdown()
                         return
-                elif tag == "lsock":
-                    self._on_lsock(sup)
-                elif tag == "pidfd":
-                    self._on_exit(sup)
-                elif tag == "worker":
-                    self._on_worker()
+                    continue
+                if tag == "worker":
+                    self._on_worker()      # the worker is ours; its failure is the launcher's
+                    continue
+                try:
+                    if tag == "lsock":
+                        self._on_lsock(sup)
+                    elif tag == "pidfd":
+                        self._on_exit(sup)
+                except Exception as e:  # noqa: BLE001 - one run's trouble must not end the others
+                    self._fail_sup(sup, e)
             self._check_stuck()
             if not events:
                 self._replenish()      # spares are made when nothing else is waiting
+
+    def _fail_sup(self, sup: _Sup, e: BaseException) -> None:
+        """Whatever went wrong with one supervisor's channel (a bug, a hostile report) ends that
+        supervisor and its run with an error; the launcher and every other run go on."""
+        print(f"sandboxd-launcher: supervisor {sup.pid}: {e!r}", file=sys.stderr)
+        if sup.run is not None and sup.run.report is None:
+            sup.run.report = {"launch_error": LaunchError(f"supervisor channel failed: {e!r}",
+                                                          step="supervisor").to_dict()}
+        linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+        self._unregister(sup.lsock)
 
     def _want_spare(self) -> bool:
         """Below the spare target, and no run is being set up unless we ran out entirely: making
@@ -202,7 +217,7 @@ class Launcher:
         now = time.monotonic()
         for sup in list(self.sups.values()):
             if sup.run is not None and not sup.exited:
-                budget = sup.run.plan.limits.wall_time_ms / 1000.0 + 30.0
+                budget = float(sup.run.plan.limits.wall_time_ms) / 1000.0 + 30.0
                 if now - sup.run.t_start > budget:
                     linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
 
@@ -294,6 +309,7 @@ class Launcher:
             raise PlanError(f"malformed plan: {e!r}", step="plan") from None
         if not isinstance(plan, Plan):
             raise PlanError(f"expected a Plan, got {type(plan).__name__}", step="plan")
+        check_plan_values(plan)
         self._check_plan(plan)
         if plan.user.uid_mode == "per_run" and self.pool is None and not plan.user.allow_single_uid:
             raise HostCapabilityError(
@@ -310,14 +326,14 @@ class Launcher:
         run = _RunState(run_id=run_id, plan=plan, ctx=ctx, run_sock=run_sock, stdin_fd=stdin_fd,
                         cgroup=None, seccomp_info=seccomp_info, landlock_info=landlock_info,
                         apparmor_info=apparmor_info)
-        sup.run = run
-        sup.stack.callback(run.release_stdin)   # by reference: the fd may be handed over earlier
-        if plan.filesystem.work_host_path:
+        if plan.filesystem.work_host_path:     # everything that can fail, before the run is attached
             try:
                 os.chown(plan.filesystem.work_host_path, sup.host_uid, sup.host_gid)
             except OSError as e:
                 raise LaunchError("give the work directory to the run's uid", step="work_dir",
                                   path=plan.filesystem.work_host_path, errno=e.errno) from None
+        sup.run = run
+        sup.stack.callback(run.release_stdin)   # by reference: the fd may be handed over earlier
         if sup.placed:
             self._dispatch(sup)
 
@@ -461,8 +477,10 @@ class Launcher:
         rep = pickle.loads(payload)
         if kind == protocol.REMOVE:
             if rep.get("error"):
-                print(f"sandboxd-launcher: cgroup cleanup: {rep['error']}", file=sys.stderr)
-            if self.pool is not None:
+                # Something of the run may still live under its host id: never hand it out again.
+                print(f"sandboxd-launcher: cgroup cleanup: {rep['error']}; host id {rep['uid']} "
+                      "quarantined", file=sys.stderr)
+            elif self.pool is not None and rep.get("uid") is not None:
                 self.pool.release(rep["uid"])
             return
         if kind == protocol.DETACH:
@@ -573,6 +591,11 @@ class Launcher:
         peak = cg.memory_peak()
         ooms = cg.oom_kills()
         cg.kill_all()
+        if rep.get("cancelled") and rep.get("t_exec_ns") is None:
+            # Cancelled while still being set up: a cancelled run, not a sandbox failure.
+            return protocol.RESULT, Result(status=Status.CANCELLED, killed_by_sandbox=True,
+                                           kill_reason="CANCELLED",
+                                           attestation={"phase": "before exec"}).to_dict(include_output=False)
         if rep.get("launch_error"):
             raise SandboxError.from_dict(rep["launch_error"])
         if rep.get("t_exec_ns") is None:
@@ -657,6 +680,29 @@ class Launcher:
         except SandboxError as e:
             if os.geteuid() == 0:          # a delegated (rootless) instance belongs to its delegator
                 print(f"sandboxd-launcher: {e}", file=sys.stderr)
+
+
+def check_plan_values(plan: Plan) -> None:
+    """Plans arrive pickled from our own client, but a bad value must fail its run with a clear
+    error, not the launcher's loop later: types and ranges of what the launcher computes with."""
+    lim = plan.limits
+    bad = []
+    for name in ("wall_time_ms", "stdout_bytes", "stderr_bytes", "file_size_bytes", "stack_bytes",
+                 "open_files", "cpu_extra_ms"):
+        v = getattr(lim, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            bad.append(f"limits.{name}={v!r}")
+    for name in ("cpu_time_ms", "memory_bytes", "pids", "address_space_bytes"):
+        v = getattr(lim, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            bad.append(f"limits.{name}={v!r}")
+    if not plan.argv or not all(isinstance(a, str) and a and "\0" not in a for a in plan.argv):
+        bad.append("argv")
+    if not all(isinstance(k, str) and isinstance(v, str) and "\0" not in k + v and "=" not in k
+               for k, v in plan.env):
+        bad.append("env")
+    if bad:
+        raise PlanError("invalid plan values: " + ", ".join(bad), step="plan")
 
 
 def check_stdin(fd: int) -> None:
@@ -801,8 +847,11 @@ def decide_status(plan: Plan, res: Result, reason: str | None, cancelled: bool) 
         return Status.SYSCALL_DENIED
     if reason == "OUTPUT_LIMIT" or res.signal == signal.SIGXFSZ:
         return Status.OUTPUT_LIMIT
-    if lim.cpu_time_ms is not None and (res.cpu_time_ms > lim.cpu_time_ms or reason == "TIME_LIMIT"
-                                        or res.signal == signal.SIGXCPU):
+    # SIGXCPU counts only when the CPU really reached the rlimit backstop (whole seconds past
+    # the limit): a program can send itself SIGXCPU, and that is SIGNALED, not a time verdict.
+    xcpu = res.signal == signal.SIGXCPU and lim.cpu_time_ms is not None and \
+        res.cpu_time_ms >= ((lim.cpu_time_ms + lim.cpu_extra_ms) // 1000 + 1) * 1000 * 0.95
+    if lim.cpu_time_ms is not None and (res.cpu_time_ms > lim.cpu_time_ms or reason == "TIME_LIMIT" or xcpu):
         return Status.TIME_LIMIT
     if reason == "WALL_TIME_LIMIT":
         return Status.WALL_TIME_LIMIT

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 from typing import Any
 
@@ -73,9 +74,17 @@ def recv(sock: socket.socket, maxfds: int = 4) -> tuple[bytes, bytes, list[int]]
             a = array.array("i")
             a.frombytes(cdata[: len(cdata) - (len(cdata) % a.itemsize)])
             fds.extend(a)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise FrameError(f"frame larger than {MAX_FRAME} bytes (or too many fds): truncated")
     if not data:
         return b"", b"", fds
     return data[:1], data[1:], fds
+
+
+class FrameError(OSError):
+    """A frame that cannot be taken as sent (truncated). Fails the one channel, not the process."""
 
 
 def loads(payload: bytes) -> Any:

@@ -350,6 +350,7 @@ class _Run:
         self.cpu_base_ns: int | None = None
         self.workload: dict | None = None
         self.cancelled = False
+        self.denial_count = 0
 
 
 def _supervise(lsock: socket.socket) -> int:
@@ -600,19 +601,46 @@ def _verify_apparmor(ctx: RunContext, st: _Run, kill: Any) -> None:
             time.sleep(0.002)
 
 
+MAX_DENIAL_NAMES = 256        # distinct syscall names kept in a report; the rest count as "(other)"
+DENIAL_BUDGET = 100_000       # notifications answered per run before it is ended as a denial flood
+
+
 def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
-    """One seccomp notification: record the syscall by name, then do what the profile said."""
+    """One seccomp notification: record the syscall by name, then do what the profile said.
+
+    Returns False only when no task can use the filter any more (the listener hung up). A
+    notification whose task went away meanwhile (ENOENT: a signal interrupted the call) is
+    routine and the listener stays: closing it would turn every later denied syscall into an
+    unreported ENOSYS and let a killed call return. Any other failure ends the run (fail closed).
+    """
+    import errno as _errno
+    import select
     try:
         n = seccomp.recv_notification(listener)
-    except OSError:
+    except OSError as e:
+        if e.errno == _errno.ENOENT:
+            p = select.poll()
+            p.register(listener, select.POLLIN)
+            return not any(ev & select.POLLHUP for _, ev in p.poll(0))
+        st.launch_error = LaunchError("seccomp notification receive failed", step="seccomp_notify",
+                                      errno=e.errno).to_dict()
+        kill("SECCOMP")
         return False
     action, err = ctx.seccomp_compiled.action_for(n.nr)
     name = seccomp.syscall_name(n.nr, n.arch)
+    st.denial_count += 1
+    if name not in st.denials and len(st.denials) >= MAX_DENIAL_NAMES:
+        name = "(other)"             # bounded report: a run cannot grow it past a frame
     entry = st.denials.setdefault(name, [0, action])
     entry[0] += 1
     if action == "kill":
         # No answer: the caller stays blocked in the syscall until the SIGKILL of the whole
         # run lands, so it cannot act on any return value (an EPERM would let it go on).
+        kill("SYSCALL_DENIED")
+        return True
+    if st.denial_count > DENIAL_BUDGET:
+        # Each answer costs the supervisor CPU that is not the run's: a flood ends the run.
+        st.attestation["denial_flood"] = st.denial_count
         kill("SYSCALL_DENIED")
         return True
     try:
