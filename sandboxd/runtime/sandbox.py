@@ -615,13 +615,20 @@ def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
     """
     import errno as _errno
     import select
+    # Readable may mean "hung up" (no task uses the filter any more): the receive ioctl would
+    # then block forever on some kernels (6.1), so look before receiving.
+    p = select.poll()
+    p.register(listener, select.POLLIN)
+    events = 0
+    for _, ev in p.poll(0):
+        events |= ev
+    if not events & select.POLLIN:
+        return not events & (select.POLLHUP | select.POLLERR)
     try:
         n = seccomp.recv_notification(listener)
     except OSError as e:
         if e.errno == _errno.ENOENT:
-            p = select.poll()
-            p.register(listener, select.POLLIN)
-            return not any(ev & select.POLLHUP for _, ev in p.poll(0))
+            return True   # the notifying task went away (interrupted): keep listening
         st.launch_error = LaunchError("seccomp notification receive failed", step="seccomp_notify",
                                       errno=e.errno).to_dict()
         kill("SECCOMP")
