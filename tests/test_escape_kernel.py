@@ -259,14 +259,8 @@ def _host_can(what: str) -> tuple[bool, int]:
 
 
 @pytest.mark.parametrize("what", [
-    pytest.param("inotify", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "the run's user namespace is created by the root supervisor, so its inotify instances "
-        "(and other ucounts: watches, mqueue bytes, pending signals) are charged to host root "
-        "(uid 0 of the initial namespace): one run holds all 128 and every root process on the "
-        "host, and every other run, gets EMFILE for as long as it lives"))),
-    pytest.param("aio", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-        "io_setup is allowed by the default profile and fs.aio-max-nr is one host-wide pool: "
-        "one run takes all of it and io_setup fails (EAGAIN) for the host and other runs"))),
+    "inotify",   # the run's user namespace is owned by the run's host uid: its counts are its own
+    "aio",       # the default profile does not allow Linux AIO (fs.aio-max-nr is host-wide)
 ])
 def test_a_run_cannot_exhaust_host_wide_kernel_budgets(runtime, what):
     """While a run holds all it can, the host must still be able to get one. (Exhausts the

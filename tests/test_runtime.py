@@ -23,9 +23,20 @@ from sandboxd.plan import Limits, Status
 PY = "/usr/bin/python3"
 
 
+def _landlock_abi() -> int:
+    from sandboxd.runtime.hostinfo import landlock_abi
+    return landlock_abi()
+
+
 def plan(argv, preset="default", **lim):
     limits = dataclasses.replace(Limits(wall_time_ms=20_000, cpu_time_ms=10_000), **lim)
-    return planner.build_plan(list(argv), preset=preset, limits=limits)
+    p = planner.build_plan(list(argv), preset=preset, limits=limits)
+    if _landlock_abi() < 6:
+        # An older kernel (the VM tier's 6.1 has ABI 2) cannot scope signals and abstract
+        # sockets: "required" is refused there (tested in test_landlock_*), so these runs ask
+        # for best effort and the rest of Landlock still applies.
+        p = dataclasses.replace(p, landlock=dataclasses.replace(p.landlock, mode="best_effort"))
+    return p
 
 
 def sh(cmd, preset="default", **lim):
@@ -174,7 +185,8 @@ def test_host_loopback_unreachable(runtime):
         # With every layer: Landlock refuses the TCP connect (EACCES) before the network is tried.
         r = runtime.run(plan([PY, "-c", code]))
         assert b"reached" not in r.stdout, r.stdout
-        assert b"tcp 13" in r.stdout and b"abstract 111" in r.stdout, r.stdout
+        tcp = b"tcp 13" if _landlock_abi() >= 4 else b"tcp 111"   # Landlock TCP rules need ABI 4
+        assert tcp in r.stdout and b"abstract 111" in r.stdout, r.stdout
         # The network namespace alone: the sandbox's own loopback has no listener (ECONNREFUSED),
         # and abstract unix sockets are per network namespace.
         p = plan([PY, "-c", code])
@@ -261,8 +273,10 @@ def test_wall_time_limit(runtime):
 def test_background_child_dies_with_run(runtime):
     marker = f"sandboxd-bg-{os.getpid()}-{time.monotonic_ns()}"
     t = time.monotonic()
-    r = runtime.run(sh(f"setsid sh -c 'exec -a {marker} sleep 60' </dev/null >/dev/null 2>&1 & echo started"))
-    assert r.status == Status.OK and r.stdout == b"started\n"
+    # bash for `exec -a` (dash has none): the survivor would carry the marker as its argv[0].
+    r = runtime.run(sh(f"setsid bash -c 'exec -a {marker} sleep 60' </dev/null >/dev/null 2>&1 & "
+                       f"sleep 0.2; ps -eo args | grep -c '^{marker}'; echo started"))
+    assert r.status == Status.OK and r.stdout == b"1\nstarted\n", r.stdout   # it did start
     assert time.monotonic() - t < 5
     time.sleep(0.2)
     for pid in os.listdir("/proc"):

@@ -268,7 +268,7 @@ class Launcher:
             if pid == 0:  # ---- supervisor
                 try:
                     linux.close_fds_except((lsock_p.fileno(),))
-                    sandbox.supervisor_main(lsock_p)
+                    sandbox.supervisor_main(lsock_p, uid, gid)
                 finally:
                     os._exit(123)
             lsock_p.close()

@@ -147,6 +147,13 @@ def apply_rlimits(plan: Plan) -> None:
         (resource.RLIMIT_STACK, lim.stack_bytes),
         (resource.RLIMIT_FSIZE, lim.file_size_bytes),
         (resource.RLIMIT_NOFILE, lim.open_files),
+        # Everything else explicitly, not inherited from the launcher: no locked memory beyond
+        # a page-pinning default, no real-time priority, no nice boosts, bounded queues/signals.
+        (resource.RLIMIT_MEMLOCK, 64 << 10),
+        (resource.RLIMIT_RTPRIO, 0),
+        (resource.RLIMIT_NICE, 0),
+        (resource.RLIMIT_MSGQUEUE, 800 << 10),
+        (resource.RLIMIT_SIGPENDING, 4096),
     ]
     if lim.cpu_time_ms is not None:
         # Backstop per process; the cgroup is the real CPU clock. SIGXCPU at soft, SIGKILL at hard.
@@ -323,11 +330,11 @@ def _report_error(sync: socket.socket, e: SandboxError) -> None:
 # ---------------------------------------------------------------------------------------------
 # supervisor
 # ---------------------------------------------------------------------------------------------
-def supervisor_main(lsock: socket.socket) -> None:
+def supervisor_main(lsock: socket.socket, host_uid: int, host_gid: int) -> None:
     """Runs in the fork of the launcher; never returns."""
     code = 0
     try:
-        code = _supervise(lsock)
+        code = _supervise(lsock, host_uid, host_gid)
     except BaseException as e:  # noqa: BLE001
         try:
             err = e if isinstance(e, SandboxError) else LaunchError(repr(e), step="supervisor")
@@ -353,10 +360,15 @@ class _Run:
         self.denial_count = 0
 
 
-def _supervise(lsock: socket.socket) -> int:
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="supervisor")
+def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     if os.geteuid() == 0:
+        # Become the run's host identity before making its user namespace: the namespace's
+        # owner is then the run's uid, so per-user kernel counts of everything inside (inotify
+        # instances and watches, message queues, pending signals) are the run's, not host root's.
         os.setgroups([])                           # host root's groups must not follow into the sandbox
+        os.setresgid(host_gid, host_gid, host_gid)
+        os.setresuid(host_uid, host_uid, host_uid)
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="supervisor")   # after: a uid change clears it
     linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWPID)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)

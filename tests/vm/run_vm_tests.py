@@ -115,6 +115,9 @@ cd {shlex.quote(ROOT)}
    echo "apparmor=$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)";
    echo "cgroup2_controllers=$(cat /sys/fs/cgroup/cgroup.controllers 2>/dev/null)";
    echo "cgroup_v1_mounts=$(grep -c ' cgroup ' /proc/self/mounts)"; }} > {results}/guest-info.txt
+# The operator's part of cgroup v2 delegation: the root cgroup hands its controllers to its
+# children (sandboxd never writes to a cgroup it did not create).
+echo "+memory +pids +cpu +cpuset" > /sys/fs/cgroup/cgroup.subtree_control
 {shlex.quote(py)} {' '.join(shlex.quote(a) for a in args)}
 echo $? > {results}/exit_status.tmp && mv {results}/exit_status.tmp {results}/exit_status
 """
