@@ -201,12 +201,6 @@ if r == 0:
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "'no new user namespaces inside' rests on seccomp alone: with the filter off (a plan "
-    "without one, or a profile that allows unshare/clone flags) the workload makes a nested "
-    "user namespace, gets every capability in it and new net namespaces: the kernel surface "
-    "the capability drop was meant to close. max_user_namespaces of the run's namespace is "
-    "left at the host default"))
 def test_nested_user_namespace_refused_without_seccomp(runtime):
     p = bare(py(NESTED_USERNS))
     p = dataclasses.replace(p, landlock=dataclasses.replace(p.landlock, enabled=True))

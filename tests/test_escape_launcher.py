@@ -153,11 +153,6 @@ for i in range(5):
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the run socket is blocking and shared by the supervisor (OUT frames) and the launcher "
-    "(RESULT): when a client reads slowly the socket's send buffer fills, and "
-    "Launcher._complete blocks in sendmsg inside the launcher's only loop; every other run "
-    "waits (here: a /bin/true for as long as the slow client sleeps)"))
 def test_slow_client_does_not_stall_other_runs():
     with private_runtime("slow") as rt:
         gate = threading.Event()
@@ -188,10 +183,6 @@ os.write(1, b"x" * (1 << 20))            # more than the socket buffer holds
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "the supervisor sends output with a blocking sendmsg from the same loop that enforces the "
-    "wall and CPU deadlines: while a client is slow to read, no limit is enforced (until "
-    "Launcher._check_stuck, wall + 30 s); here a 300 ms CPU limit lets several seconds of CPU through"))
 def test_limits_hold_while_the_client_is_slow():
     with private_runtime("slowcpu") as rt:
         def slow(name, chunk, _first=[True]):

@@ -165,6 +165,9 @@ class Launcher:
                 if tag == "worker":
                     self._on_worker()      # the worker is ours; its failure is the launcher's
                     continue
+                if tag == "deliver":
+                    self._on_deliver(key.fileobj, sup)
+                    continue
                 try:
                     if tag == "lsock":
                         self._on_lsock(sup)
@@ -578,8 +581,30 @@ class Launcher:
             frame, body = protocol.ERROR, e.to_dict()
         except Exception as e:  # noqa: BLE001
             frame, body = protocol.ERROR, LaunchError(repr(e), step="collect").to_dict()
-        _send_quiet(run.run_sock, frame, body)
-        run.run_sock.close()
+        self._deliver(run.run_sock, frame + json.dumps(body, separators=(",", ":")).encode())
+
+    def _deliver(self, sock: socket.socket, data: bytes) -> None:
+        """Send a run's last frame without ever blocking the loop on a slow client: if its
+        socket is full, the frame waits for write readiness."""
+        sock.setblocking(False)
+        try:
+            sock.sendmsg([data])
+        except BlockingIOError:
+            self.sel.register(sock, selectors.EVENT_WRITE, ("deliver", data))
+            return
+        except OSError:
+            pass           # the client is gone
+        sock.close()
+
+    def _on_deliver(self, sock: socket.socket, data: bytes) -> None:
+        try:
+            sock.sendmsg([data])
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._unregister(sock)
+        sock.close()
 
     def _finish(self, sup: _Sup) -> tuple[bytes, dict]:
         run = sup.run
@@ -606,7 +631,7 @@ class Launcher:
         base = rep.get("cpu_base_ns") or 0
         cpu_ms = max(0, cpu_total - base) / 1e6
         t_exit = w.get("t_exit_ns")
-        wall_ms = ((t_exit if t_exit else time.monotonic_ns()) - rep["t_exec_ns"]) / 1e6
+        wall_ms = ((t_exit or rep.get("t_end_ns") or time.monotonic_ns()) - rep["t_exec_ns"]) / 1e6
         exit_code = sig = None
         ws = w.get("wait_status")
         if ws is not None:

@@ -24,6 +24,7 @@ Every channel is a CLOEXEC pipe or socket; each process closes what it does not 
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
@@ -231,6 +232,10 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
         if setup["net"]:
             flags |= linux.CLONE_NEWNET
         linux.unshare(flags)                       # cgroup ns after the placement: the run's cgroup is its /
+        # No user namespaces below this one: with it, a workload could get a full set of
+        # capabilities there again (only seccomp would stand in the way). The limit is the run's
+        # own (user sysctls are per user namespace) and /proc/sys is read-only inside.
+        linux.write_file("/proc/sys/user/max_user_namespaces", "0", step="init(max_user_namespaces)")
         if setup["net"]:
             linux.loopback_up()
         os.chdir("/")                              # so pivot_root moves our cwd (and the workload's) too
@@ -358,6 +363,7 @@ class _Run:
         self.workload: dict | None = None
         self.cancelled = False
         self.denial_count = 0
+        self.t_end_ns: int | None = None
 
 
 def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
@@ -443,10 +449,62 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
             return 0
         return ctx.cgroup.cpu_usage_ns() - st.cpu_base_ns
 
-    while not (init_done and not open_pipes):
+    # Output to the client never blocks this loop (its deadlines must keep running while a
+    # client is slow): frames the socket cannot take wait in a bounded outbox, and the output
+    # pipes are not read meanwhile, so the workload blocks on a full pipe instead.
+    run_sock.setblocking(False)
+    outbox: collections.deque[bytes] = collections.deque()
+    client_open = True
+    flush_deadline: float | None = None
+
+    def emit(frame: bytes) -> None:
+        nonlocal client_open
+        if not client_open:
+            return
+        if not outbox:
+            try:
+                run_sock.sendmsg([frame])
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                client_open = False
+                st.cancelled = True
+                kill("CANCELLED")
+                return
+            for fd in open_pipes:                    # pause output until the client catches up
+                sel.unregister(fd)
+            sel.modify(run_sock, selectors.EVENT_READ | selectors.EVENT_WRITE, "client")
+        outbox.append(frame)
+
+    def flush() -> None:
+        nonlocal client_open
+        while outbox:
+            try:
+                run_sock.sendmsg([outbox[0]])
+            except BlockingIOError:
+                return
+            except OSError:
+                client_open = False
+                outbox.clear()
+                break
+            outbox.popleft()
+        for fd in open_pipes:
+            sel.register(fd, selectors.EVENT_READ, "pipe")
+        if client_open:
+            sel.modify(run_sock, selectors.EVENT_READ, "client")
+
+    while not (init_done and not open_pipes and not outbox):
         now = time.monotonic()
+        if init_done and outbox:
+            # Everything ran; only the client is late. Wait for it a while, not forever.
+            flush_deadline = flush_deadline or now + 30.0
+            if now > flush_deadline:
+                outbox.clear()
+                st.attestation["output_undelivered"] = True
+                break
         timeout = None
-        for d in (wall_deadline, cpu_next):
+        for d in (wall_deadline, cpu_next, flush_deadline):
             if d is not None:
                 timeout = max(0.0, d - now) if timeout is None else min(timeout, max(0.0, d - now))
         for key, _ev in sel.select(timeout):
@@ -470,11 +528,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
                         kill("OUTPUT_LIMIT")
                 st.counts[name] += len(chunk)
                 if chunk:
-                    try:
-                        protocol.send(run_sock, kind, chunk)
-                    except OSError:
-                        st.cancelled = True
-                        kill("CANCELLED")
+                    emit(kind + chunk)
             elif tag == "status":
                 data = os.read(status_r, 4096)
                 if data:
@@ -503,16 +557,28 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
                     os.close(listener)
                     listener = -1
             elif tag == "client":
-                try:
-                    kind, _, fds = protocol.recv(run_sock)
-                except OSError:
-                    kind = b""
-                if kind == protocol.CANCEL or kind == b"":
-                    st.cancelled = True
-                    kill("CANCELLED")
-                    sel.unregister(run_sock)
+                if _ev & selectors.EVENT_WRITE:
+                    flush()
+                if _ev & selectors.EVENT_READ and client_open:
+                    try:
+                        kind, _, fds = protocol.recv(run_sock)
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        kind = b""
+                    if kind == protocol.CANCEL or kind == b"":
+                        st.cancelled = True
+                        kill("CANCELLED")
+                        if kind == b"":             # the client is gone: nothing to deliver to
+                            client_open = False
+                            outbox.clear()
+                            sel.unregister(run_sock)
+                            for fd in open_pipes:   # keep draining so the workload is not stuck
+                                if fd not in sel.get_map():
+                                    sel.register(fd, selectors.EVENT_READ, "pipe")
             elif tag == "init":
                 _, status = os.waitpid(ipid, 0)
+                st.t_end_ns = time.monotonic_ns()   # the run's end, whatever the client's pace
                 st.attestation["init_wait_status"] = status
                 sel.unregister(pidfd)
                 init_done = True
@@ -542,6 +608,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         "cancelled": st.cancelled,
         "workload": st.workload,
         "t_exec_ns": st.t_exec_ns,
+        "t_end_ns": st.t_end_ns,
         "cpu_base_ns": st.cpu_base_ns,
         "denials": st.denials,
         "truncated": st.truncated,
