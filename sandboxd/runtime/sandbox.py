@@ -681,7 +681,7 @@ def _verify_apparmor(ctx: RunContext, st: _Run, kill: Any) -> None:
 
 
 MAX_DENIAL_NAMES = 256        # distinct syscall names kept in a report; the rest count as "(other)"
-DENIAL_BUDGET = 100_000       # notifications answered per run before it is ended as a denial flood
+DENIAL_BUDGET = 20_000       # notifications answered per run before it is ended as a denial flood
 
 
 def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
