@@ -101,8 +101,8 @@ def test_exact_text_of_reference_errors_all_at_once():
         f"{PROFILES}/seccomp/no-such-profile.json; known: default, judge)",
         "p.yaml:5:38: capabilities[1]: unknown capability 'CAP_SYS_ADMN'; did you mean "
         "'CAP_SYS_ADMIN'?",
-        "p.yaml:6:42: network.allowed[1]: network mode 'host' is not available: it arrives with "
-        "network segments; only 'none' is supported today",
+        "p.yaml:6:42: network.allowed[1]: network mode 'host' gives up network isolation: the "
+        "policy must say network.allow_host: true to allow it",
         "p.yaml:6:48: network.allowed[2]: unknown network segment 'web' (none are configured)",
         "p.yaml:9:16: filesystem.binds[0].source: '/proc' is never bindable: it exposes /proc "
         "(host kernel interfaces, devices, or the daemon's own state)",
@@ -273,3 +273,10 @@ def test_segments_come_from_the_runtime_network_config():
     bad = GOOD + "network: {allowed: [none, 'segment:web'], default: none}\n"
     assert any("unknown network segment 'web' (lab)" in p for p in problems(bad, ctx=LoadContext(
         profile_dir=PROFILES, known_tenants=frozenset({"alice"}), segments=ctx.segments)))
+
+
+def test_host_network_needs_an_explicit_flag():
+    bad = GOOD + "network: {allowed: [none, host], default: none}\n"
+    assert any("network.allow_host: true" in p for p in problems(bad))
+    ok = GOOD + "network: {allowed: [none, host], default: none, allow_host: true}\n"
+    load_policy_texts([("p.yaml", ok)], CTX)

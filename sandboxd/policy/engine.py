@@ -9,6 +9,8 @@ the field). Every value in the plan is noted with where it came from, so `explai
 from __future__ import annotations
 
 import dataclasses
+import re
+import secrets
 import fnmatch
 import os
 from dataclasses import dataclass, field
@@ -104,11 +106,21 @@ def decide(policies: PolicySet, tenant: str, req: RunRequest,
 
     fs = sp.filesystem
     cwd = req.cwd or fs.cwd or fs.work_dir
+    hostname = fs.hostname
+    if net.startswith("segment:"):
+        # Members of a segment find each other by name, so each needs its own: the request's
+        # label "name" (a DNS label), else a random one.
+        asked = dict(req.labels).get("name", "")
+        if asked and re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", asked):
+            hostname = asked
+        else:
+            hostname = f"sb-{secrets.token_hex(4)}"
+        notes.append(f"hostname={hostname} (segment member name)")
     plan = Plan(
         argv=tuple(req.argv),
         env=tuple(env.items()),
         cwd=cwd,
-        hostname=fs.hostname,
+        hostname=hostname,
         user=UserPlan(inside_uid=sp.user.inside_uid, inside_gid=sp.user.inside_gid,
                       uid_mode=sp.user.uid_mode, allow_single_uid=sp.user.allow_single_uid),
         filesystem=dataclasses.replace(cp.fs_base, binds=tuple(binds), work_host_path=None),

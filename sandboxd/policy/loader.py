@@ -253,7 +253,7 @@ def _check(spec: PolicySpec, doc: Document, ctx: LoadContext, out: list[Problem]
     # Network: only "none" exists today. host and segments are refused at load time, so that a
     # policy written for them fails now rather than silently running without network isolation.
     for i, mode in enumerate(spec.network.allowed):
-        _check_network_mode(mode, ("network", "allowed", i), ctx, bad)
+        _check_network_mode(mode, ("network", "allowed", i), ctx, bad, spec.network.allow_host)
     if spec.network.default not in spec.network.allowed:
         bad(("network", "default"), f"'{spec.network.default}' is not in network.allowed "
                                     f"({', '.join(spec.network.allowed)})")
@@ -326,12 +326,14 @@ def _check(spec: PolicySpec, doc: Document, ctx: LoadContext, out: list[Problem]
             bad(("env", "set", name), "not an environment variable name")
 
 
-def _check_network_mode(mode: str, path: Path, ctx: LoadContext, bad: Any) -> None:
+def _check_network_mode(mode: str, path: Path, ctx: LoadContext, bad: Any,
+                        allow_host: bool = False) -> None:
     if mode == "none":
         return
     if mode == "host":
-        bad(path, "network mode 'host' is not available: it arrives with network segments; "
-                  "only 'none' is supported today")
+        if not allow_host:
+            bad(path, "network mode 'host' gives up network isolation: the policy must say "
+                      "network.allow_host: true to allow it")
         return
     m = _SEGMENT_RE.fullmatch(mode)
     if m:

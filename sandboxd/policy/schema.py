@@ -128,8 +128,11 @@ class EnvSpec:
 class NetworkSpec:
     default: str = spec("none", doc="mode used when the request names none")
     allowed: tuple[str, ...] = spec(("none",), doc="modes a request may ask for: none (own netns, "
-                                    "loopback only); host and segment:NAME are reserved for the "
-                                    "network segments issue and refused today", unique=True)
+                                    "loopback only), segment:NAME (a segment the server's "
+                                    "runtime.network declares), host (only with allow_host)",
+                                    unique=True)
+    allow_host: bool = spec(False, doc="true to let 'host' (the host's own network, no network "
+                                       "isolation at all) appear in allowed; say it explicitly")
 
 
 @dataclass(frozen=True)
