@@ -12,6 +12,11 @@ import sys
 
 import pytest
 
+# The API tests import grpc into this process; with gRPC's fork support on, every os.fork() of a
+# later test (cgroup tests fork children into small pids limits) runs gRPC's fork handlers, which
+# start threads in the child and can hang it there. The daemon itself never forks.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

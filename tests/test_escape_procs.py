@@ -184,9 +184,10 @@ M={m}
 # 2. a process that stops itself
 (setsid bash -c "exec -a $M-stopped bash -c 'kill -STOP \$\$; sleep 60'" &) </dev/null >/dev/null 2>&1
 # 3. a process busy in a denied syscall (seccomp notification) when the run ends
-(setsid python3 -c "import ctypes
+#    (paced: an unpaced loop is ended as a denial flood, see test_escape_launcher)
+(setsid python3 -c "import ctypes, time
 l=ctypes.CDLL(None)
-while True: l.syscall(246,0,0,0)" $M-notify &) </dev/null >/dev/null 2>&1
+while True: l.syscall(246,0,0,0); time.sleep(0.0005)" $M-notify &) </dev/null >/dev/null 2>&1
 # 4. a process in its own process group, holding stdout
 (exec -a $M-holder sleep 60 &)
 sleep 0.5

@@ -40,7 +40,8 @@ P = Plan(argv=("x",), limits=Limits(cpu_time_ms=1000))
     (_res(exit_code=3), None, False, Status.RUNTIME_ERROR),
     (_res(exit_code=None, signal=11), None, False, Status.SIGNALED),
     (_res(cpu_time_ms=1000.5), None, False, Status.TIME_LIMIT),        # exited, but over the limit
-    (_res(exit_code=None, signal=signal.SIGXCPU), None, False, Status.TIME_LIMIT),
+    (_res(exit_code=None, signal=signal.SIGXCPU, cpu_time_ms=1990.0), None, False, Status.TIME_LIMIT),
+    (_res(exit_code=None, signal=signal.SIGXCPU), None, False, Status.SIGNALED),  # self-sent: not a verdict
     (_res(exit_code=None, signal=9), "WALL_TIME_LIMIT", False, Status.WALL_TIME_LIMIT),
     (_res(oom_kills=1), None, False, Status.MEMORY_LIMIT),             # only a child was killed
     (_res(exit_code=None, signal=signal.SIGXFSZ), None, False, Status.OUTPUT_LIMIT),
