@@ -19,22 +19,7 @@ import pytest
 from sandboxd import planner
 from sandboxd.errors import SandboxError
 from sandboxd.plan import Bind, Limits, Status
-
-PY = "/usr/bin/python3"
-
-
-def plan(argv, preset="default", **lim):
-    limits = dataclasses.replace(Limits(wall_time_ms=20_000, cpu_time_ms=10_000), **lim)
-    return planner.build_plan(list(argv), preset=preset, limits=limits)
-
-
-def py(code, **kw):
-    return plan([PY, "-c", code], **kw)
-
-
-def bare(p):
-    """The plan without its seccomp filter and Landlock: only namespaces, mounts, caps remain."""
-    return dataclasses.replace(p, seccomp=None, landlock=dataclasses.replace(p.landlock, enabled=False))
+from tests.sandbox_helpers import PY, plan, py, bare  # noqa: F401
 
 
 LAYERS = {"all": lambda p: p, "bare": bare}

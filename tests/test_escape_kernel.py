@@ -14,25 +14,9 @@ import pytest
 from sandboxd import planner
 from sandboxd.errors import SandboxError
 from sandboxd.plan import Limits, Status
-
-PY = "/usr/bin/python3"
-
-
-def plan(argv, preset="default", **lim):
-    limits = dataclasses.replace(Limits(wall_time_ms=20_000, cpu_time_ms=10_000), **lim)
-    return planner.build_plan(list(argv), preset=preset, limits=limits)
+from tests.sandbox_helpers import PY, plan, py, bare  # noqa: F401
 
 
-def py(code, **kw):
-    return plan([PY, "-c", code], **kw)
-
-
-def bare(p):
-    return dataclasses.replace(p, seccomp=None, landlock=dataclasses.replace(p.landlock, enabled=False))
-
-
-# Each call is made with arguments the kernel would accept (or answer with an errno other than
-# EPERM) if the syscall reached it, so EPERM/ENOSYS shows the filter answered.
 ATTACKS = {
     "keyctl": "l.syscall(250, 0, -3, 1)",                             # KEYCTL_GET_KEYRING_ID(session, create)
     "add_key": "l.syscall(248, b'user', b'k', b'v', 1, -2)",

@@ -15,44 +15,9 @@ import pytest
 from sandboxd import planner
 from sandboxd.errors import SandboxError
 from sandboxd.plan import Limits, Status
+from tests.sandbox_helpers import PY, plan, py, sh, private_runtime  # noqa: F401
 
 from .conftest import need_root
-
-PY = "/usr/bin/python3"
-
-
-def plan(argv, preset="default", **lim):
-    limits = dataclasses.replace(Limits(wall_time_ms=20_000, cpu_time_ms=10_000), **lim)
-    return planner.build_plan(list(argv), preset=preset, limits=limits)
-
-
-def py(code, **kw):
-    return plan([PY, "-c", code], **kw)
-
-
-def sh(cmd, **kw):
-    return plan(["/bin/sh", "-c", cmd], **kw)
-
-
-@contextlib.contextmanager
-def private_runtime(tag: str, **cfg):
-    """A launcher of its own, for tests whose attack may take a launcher down; its instance's
-    leftovers are removed by starting a launcher of the same instance once more."""
-    need_root()
-    from sandboxd.runtime.client import Runtime
-    from sandboxd.runtime.config import RuntimeConfig
-    inst = f"esc{tag}{os.getpid()}"
-    rt = Runtime(RuntimeConfig(instance=inst, **cfg))
-    try:
-        yield rt
-    finally:
-        rt.close()
-        cfg2 = RuntimeConfig(instance=inst, prefork=0)
-        Runtime(cfg2).close()
-        # The launcher leaves its instance lock file behind; this instance is ours alone.
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(os.path.dirname(os.path.abspath(cfg2.root_mountpoint)),
-                                   f"instance-{inst}.lock"))
 
 
 # --- filesystems: every byte lands in a capped tmpfs that is charged to the run -----------------

@@ -14,25 +14,7 @@ import pytest
 
 from sandboxd import planner
 from sandboxd.plan import Limits, Status
-
-PY = "/usr/bin/python3"
-
-
-def plan(argv, preset="default", **lim):
-    limits = dataclasses.replace(Limits(wall_time_ms=20_000, cpu_time_ms=10_000), **lim)
-    return planner.build_plan(list(argv), preset=preset, limits=limits)
-
-
-def py(code, **kw):
-    return plan([PY, "-c", code], **kw)
-
-
-def sh(cmd, **kw):
-    return plan(["/bin/sh", "-c", cmd], **kw)
-
-
-def bare(p):
-    return dataclasses.replace(p, seccomp=None, landlock=dataclasses.replace(p.landlock, enabled=False))
+from tests.sandbox_helpers import PY, plan, py, sh, bare  # noqa: F401
 
 
 LAYERS = {"all": lambda p: p, "bare": bare}

@@ -19,28 +19,7 @@ import pytest
 from sandboxd import planner
 from sandboxd.errors import SandboxError
 from sandboxd.plan import Limits, Status
-
-PY = "/usr/bin/python3"
-
-
-def _landlock_abi() -> int:
-    from sandboxd.runtime.hostinfo import landlock_abi
-    return landlock_abi()
-
-
-def plan(argv, preset="default", **lim):
-    limits = dataclasses.replace(Limits(wall_time_ms=20_000, cpu_time_ms=10_000), **lim)
-    p = planner.build_plan(list(argv), preset=preset, limits=limits)
-    if _landlock_abi() < 6:
-        # An older kernel (the VM tier's 6.1 has ABI 2) cannot scope signals and abstract
-        # sockets: "required" is refused there (tested in test_landlock_*), so these runs ask
-        # for best effort and the rest of Landlock still applies.
-        p = dataclasses.replace(p, landlock=dataclasses.replace(p.landlock, mode="best_effort"))
-    return p
-
-
-def sh(cmd, preset="default", **lim):
-    return plan(["/bin/sh", "-c", cmd], preset=preset, **lim)
+from tests.sandbox_helpers import PY, plan, sh, landlock_abi as _landlock_abi  # noqa: F401
 
 
 # --- basics -------------------------------------------------------------------------------

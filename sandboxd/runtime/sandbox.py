@@ -620,8 +620,11 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
 
 def _on_sync(ctx: RunContext, sync_p: socket.socket, st: _Run, lsock: socket.socket) -> bool:
     """One message from init or the workload; False at EOF."""
-    data, anc, _flags, _ = sync_p.recvmsg(protocol.MAX_FRAME, socket.CMSG_SPACE(16) + socket.CMSG_SPACE(12),
-                                          socket.MSG_CMSG_CLOEXEC)
+    try:
+        data, anc, _flags, _ = sync_p.recvmsg(protocol.MAX_FRAME, socket.CMSG_SPACE(16) + socket.CMSG_SPACE(12),
+                                              socket.MSG_CMSG_CLOEXEC)
+    except OSError:            # ECONNRESET: the run was killed (cancel, limit) mid-setup
+        data, anc = b"", []
     if not data:
         if st.t_exec_ns is None and st.launch_error is None:
             st.launch_error = LaunchError("sandbox setup ended without a report", step="init").to_dict()
@@ -650,7 +653,10 @@ def _on_sync(ctx: RunContext, sync_p: socket.socket, st: _Run, lsock: socket.soc
     if ctx.cgroup is not None:
         st.cpu_base_ns = ctx.cgroup.cpu_usage_ns()
     st.t_exec_ns = time.monotonic_ns()
-    sync_p.send(protocol.ACK)
+    try:
+        sync_p.send(protocol.ACK)
+    except OSError:
+        return False           # the workload died before it could exec
     return True
 
 
