@@ -611,6 +611,12 @@ class Launcher:
         assert run is not None
         rep = run.report or {}
         cg = run.cgroup
+        if cg is None:
+            # The run never got its context (a failure while preparing it: network attach, the
+            # cgroup's limits): there is nothing of the workload to measure.
+            if rep.get("launch_error"):
+                raise SandboxError.from_dict(rep["launch_error"])
+            raise LaunchError("the sandbox ended before the run was handed over", step="dispatch")
         # Read the cgroup before anything else can change it, then kill what is left.
         cpu_total = cg.cpu_usage_ns()
         peak = cg.memory_peak()
