@@ -5,11 +5,14 @@ leave locks held forever in the child, so the daemon never forks. At startup it 
 module as a fresh interpreter (no grpc imported, no threads ever started) and talks to it over
 a CLOEXEC SOCK_SEQPACKET socket. For each RUN frame the launcher, in its event loop:
 
-  1. resolves the run's host resources: a host uid/gid from its range, a leaf cgroup with the
-     plan's limits (read back), the compiled seccomp filter (compiled once per profile and
-     cached: the child only installs bytes);
-  2. forks the run's supervisor (sandbox.supervisor_main), which unshares USER|PID and forks init;
-  3. on FORKED, writes init's uid_map/gid_map and puts init into the cgroup, then releases it;
+  1. resolves what the run needs: the compiled seccomp filter (once per profile, cached: the
+     child only installs bytes), Landlock rules (cached per layout), the AppArmor transition;
+  2. takes a spare supervisor (sandbox.supervisor_main: its own host uid, user and pid
+     namespaces, init mapped and placed in an empty cgroup by the host worker, namespaces and
+     the workload's fork ready), or makes one; writes the plan's limits into its cgroup (read
+     back) and sends the run's context;
+  3. the host worker (host_worker, a second process) does the slow privileged steps: cgroup
+     create/place/remove, id maps, network attach/detach;
   4. on REPORT (the supervisor's last word), reads CPU, peak memory and OOM kills from the
      cgroup, kills whatever is left, removes the cgroup, frees the uid, decides the status and
      sends RESULT (or ERROR) to the client.
@@ -67,7 +70,6 @@ class _RunState:
     stdin_fd: int
     cgroup: Any
     report: dict | None = None
-    dispatched: bool = False
     completed: bool = False
     t_start: float = field(default_factory=time.monotonic)
     seccomp_info: dict = field(default_factory=dict)
@@ -319,7 +321,7 @@ class Launcher:
                 "plan requires a per-run host uid but this launcher can only map its own uid",
                 step="userns", hint="run as root, or give the user a /etc/subuid range and install uidmap")
         keep = caps.parse_caps(plan.caps_keep)
-        ctx = sandbox.RunContext(plan=plan, keep_caps=keep, host_ns=self.host_ns,
+        ctx = sandbox.RunContext(plan=plan, keep_caps=keep,
                                  root_mountpoint=self.config.root_mountpoint)
         seccomp_info = self._prepare_seccomp(plan, ctx)
         landlock_info = self._prepare_landlock(plan, ctx)
@@ -361,7 +363,6 @@ class Launcher:
             run.report = {"launch_error": err.to_dict()}
             linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
             return
-        run.dispatched = True
         run.release_stdin()          # the supervisor has its copy now
 
     def _retire(self, sup: _Sup) -> None:

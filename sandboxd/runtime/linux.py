@@ -46,11 +46,6 @@ MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
-# statvfs f_flag bits -> mount flags that are locked in a child user namespace and must be kept
-# on remount (the kernel refuses to clear them: EPERM).
-_ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
-             (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
-
 # prctl options (linux/prctl.h)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -109,16 +104,6 @@ def umount2(target: str, flags: int) -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     if _libc.syscall(SYS_pivot_root, new_root.encode(), put_old.encode()) != 0:
         raise _fail("pivot_root", f"pivot_root({new_root}, {put_old})", new_root)
-
-
-def locked_flags(path: str) -> int:
-    """Mount flags of the mount at `path` that a remount in a user namespace must keep."""
-    st = os.statvfs(path)
-    out = 0
-    for st_bit, ms in _ST_TO_MS:
-        if st.f_flag & st_bit:
-            out |= ms
-    return out
 
 
 def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0, *, step: str = "prctl") -> int:

@@ -5,7 +5,7 @@ chunks); file descriptors ride along as SCM_RIGHTS. Every socket is created CLOE
 leaks into a workload by accident: the workload gets exactly the fds the runtime dup2()s for it.
 
 Frames
-  client -> launcher (control socket)  RUN  plan JSON, fds [run socket, stdin]
+  client -> launcher (control socket)  RUN  pickled Plan (our own two processes), fds [run socket, stdin]
   launcher/supervisor -> client (run)  OUT1/OUT2 output chunks, RESULT/ERROR JSON at the end
   client -> supervisor (run socket)    CANCEL
   supervisor -> launcher               FORKED {"init_pid"}, REPORT {...} at the end
@@ -36,7 +36,6 @@ GO = b"G"
 REPORT = b"P"
 EXEC = b"X"
 ACK = b"A"
-STATUS = b"S"
 CTX = b"K"
 PLACED = b"L"
 PREPARE = b"Q"

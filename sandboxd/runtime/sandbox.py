@@ -5,16 +5,18 @@ the child may run Python until execve. Per run:
 
   launcher ──fork──> supervisor ──fork──> init (pid 1) ──fork──> workload ──execve──> program
 
-* supervisor (host side): drops supplementary groups, unshare(USER|PID) and forks init. The
-  launcher, still fully privileged, writes init's uid/gid map and puts init into the run's
-  cgroup, then releases it through the `go` pipe. The supervisor stays outside the cgroup (its
+* supervisor (host side): takes the run's host uid/gid (no supplementary groups), unshares
+  USER|PID and forks init, usually ahead of time as a spare. The launcher's host worker writes
+  init's uid/gid map and puts init into its cgroup; PLACED then lets init go on with what does
+  not depend on the run, and CTX hands over the run. The supervisor stays outside the cgroup (its
   work is not charged to the workload) and runs the run's event loop: output pipes -> client
   with caps, seccomp user notifications (denials reported by name), wall/CPU deadlines,
   cancellation, and the final report to the launcher. Killing init kills the whole pid
   namespace, so "kill the run" is one signal.
-* init: pid 1 of the run. Unshares mount, net, ipc, uts and cgroup namespaces (cgroup after
-  the cgroup placement, so the run sees its own cgroup as /), builds the root filesystem and
-  pivots into it, forks the workload, forwards signals, reaps orphans, and reports the
+* init: pid 1 of the run. Phase A (spare): unshares mount, net, ipc, uts and cgroup namespaces
+  (cgroup after the placement, so the run sees its own cgroup as /) and forks the workload,
+  which waits. Phase B (the run): builds the root filesystem and pivots into it (the waiting
+  workload moves with it), hands the context on, forwards signals, reaps orphans, and reports the
   workload's wait status. When it exits the kernel kills everything left in the namespace, so
   no background child outlives the run.
 * workload: the containment sequence in `contain_and_exec`, one screen, in order.
@@ -64,7 +66,6 @@ class RunContext:
     apparmor_transition: Any = None     # apparmor.ExecTransition; None: no profile to apply
     root_mountpoint: str = "/run/sandboxd/root"   # from RuntimeConfig: a host detail, not the plan's
     cgroup: Any = None                  # the run's RunCgroup; the supervisor polls its CPU time
-    host_ns: dict = field(default_factory=dict)
     # Built in init (never pickled): what the workload child installs.
     seccomp_prepared: Any = None
     landlock_prepared: Any = None
