@@ -39,6 +39,8 @@ fi
 # Byte-compile now: the launcher is started per daemon and per CLI call, and environments that set
 # PYTHONDONTWRITEBYTECODE would otherwise compile every module at every start.
 .venv/bin/python -m compileall -q sandboxd >/dev/null
+# The runtime's exec stub (static C; gcc and libc6-dev come with the packages above).
+scripts/build_stub.sh
 if [ "$want_test" = 1 ] && [ -x scripts/setup-vm.sh ]; then
   scripts/setup-vm.sh
 fi

@@ -404,10 +404,16 @@ def test_v2_retune_gives_a_spare_its_limits_once(tmp_path):
     rb = mgr.retune(spare, LIM)
     assert (rb["memory_limit_bytes"], rb["pids_max"], rb["cpu_quota_us"], rb["cpuset_cpus"]) == (
         256 << 20, 64, 50000, "1")
-    with pytest.raises(PlanError, match="already has limits"):
-        mgr.retune(spare, Limits(memory_bytes=512 << 20))
-    with pytest.raises(PlanError, match="already has limits"):
-        mgr.retune(mgr.create("t", Limits()), Limits())      # made with the default limits
+    # The same limits again (a warm spare tuned for its layout, a run with the layout's
+    # limits): nothing is written, the first read-back is returned.
+    k.put(leaf + "/pids.max", "7")
+    assert mgr.retune(spare, LIM) == rb
+    assert k.cat(leaf + "/pids.max").strip() == "7"
+    k.put(leaf + "/pids.max", "64")
+    # Other limits: lifted, then written as for a fresh cgroup, and read back.
+    rb2 = mgr.retune(spare, Limits(memory_bytes=512 << 20))
+    assert (rb2["memory_limit_bytes"], rb2["pids_max"], rb2["cpu_quota_us"]) == (512 << 20, 64, None)
+    assert k.cat(leaf + "/cpu.max").split()[0] == "max" and k.cat(leaf + "/cpuset.cpus").strip() == ""
 
 
 def test_v2_an_instance_in_use_is_refused_not_cleaned(tmp_path):

@@ -155,6 +155,24 @@ def test_retune_limits_a_spare_whose_process_is_already_in_place(mgr):
     spare.remove()
 
 
+def test_retune_again_lifts_the_old_limits_then_applies_the_new(mgr):
+    """A warm spare tuned for its layout's limits, taken by a run with other limits: on the
+    real kernel (v1 here: memsw must stay >= the memory limit in both directions)."""
+    spare = mgr.create("spare2", NO_LIMITS)
+    c = Child(lambda: touch(96 * MiB))
+    spare.add_pid(c.pid)
+    rb1 = mgr.retune(spare, Limits(memory_bytes=64 * MiB, pids=4))
+    assert mgr.retune(spare, Limits(memory_bytes=64 * MiB, pids=4)) == rb1     # no change: no writes
+    rb = mgr.retune(spare, Limits(memory_bytes=160 * MiB, pids=8))
+    assert (rb["memory_limit_bytes"], rb["pids_max"]) == (160 * MiB, 8)
+    c.go()
+    c.wait()
+    assert c.killed_by is None and spare.oom_kills() == 0      # 96 MiB fits the new limit
+    rb = mgr.retune(spare, Limits(memory_bytes=32 * MiB, pids=None))
+    assert (rb["memory_limit_bytes"], rb["pids_max"]) == (32 * MiB, None)
+    spare.remove()
+
+
 # -- pids -----------------------------------------------------------------------------------------
 
 def _fork_until_refused():

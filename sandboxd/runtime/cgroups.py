@@ -509,6 +509,7 @@ class RunCgroup:
         self._removed = False
         self._peak_seen = 0
         self._limits: tuple[Any, ...] | None = None   # what create()/retune() put in force
+        self._readback: dict[str, Any] | None = None   # and what the kernel said of it then
         self.best_effort_failed: list[str] = []   # best-effort writes that failed, with why
 
     @property
@@ -527,10 +528,11 @@ class RunCgroup:
         for f in self.procs_files:
             _write(self._fs, f, str(pid), "cgroup_add_pid")
 
-    def pids(self) -> list[int]:
-        """Processes (thread group ids) in the run, over every hierarchy."""
+    def pids(self, first_only: bool = False) -> list[int]:
+        """Processes (thread group ids) in the run, over every hierarchy (first_only: the first
+        hierarchy's list, one read: the runtime places each process in all of them)."""
         out: set[int] = set()
-        for f in self.procs_files:
+        for f in self.procs_files[:1] if first_only else self.procs_files:
             try:
                 out.update(int(x) for x in self._fs.read(f).split())
             except FileNotFoundError:
@@ -987,16 +989,23 @@ class CgroupManager:
         return run
 
     def retune(self, run: RunCgroup, limits: Limits) -> dict[str, Any]:
-        """Write `limits` into a run made earlier with no limits (a launcher spare, whose
-        processes may already be in it), then read back and compare, as create() does.
-        Returns the readback. On failure the run is left as it is: the caller removes it."""
+        """Write `limits` into a run made earlier (a launcher spare, whose processes may already
+        be in it), then read back and compare, as create() does. Returns the readback. Limits
+        equal to the ones it has already cost nothing (the read-back of their writing is
+        returned); other limits are first lifted, then written in a fresh cgroup's order (v1
+        refuses a memory limit above memsw, and memsw below the limit). On failure the run is
+        left as it is: the caller removes it."""
+        want = _cgroup_limits(limits)
+        if run._limits == want and run._readback is not None:
+            return dict(run._readback)
+        writes = self._plan(limits)
         if run._limits != _NO_LIMITS:
-            # The write order assumes limits only go down from "none" (v1 refuses a memory
-            # limit above memsw, and memsw below the limit).
-            raise PlanError(f"run {run.run_id} already has limits; only a run created with "
-                            "no memory, pids, cpu quota or cpuset limit can be retuned",
-                            step="cgroup_retune")
-        return self._tune(run, limits, self._plan(limits))
+            writes = self._lift_writes(run) + writes
+        return self._tune(run, limits, writes)
+
+    def _lift_writes(self, run: RunCgroup) -> list[Write]:
+        """Writes that take a run's memory, pids and CPU quota limits back to none."""
+        raise NotImplementedError
 
     def _tune(self, run: RunCgroup, limits: Limits, writes: list[Write]) -> dict[str, Any]:
         run.best_effort_failed = run._apply(writes)
@@ -1007,6 +1016,7 @@ class CgroupManager:
                               + "; ".join(bad), step="cgroup_verify",
                               path=run.dirs[0] if run.dirs else None)
         run._limits = _cgroup_limits(limits)
+        run._readback = dict(rb)
         return rb
 
     def cleanup_stale(self) -> list[str]:
@@ -1225,6 +1235,15 @@ class _V1Manager(CgroupManager):
                               has_swappiness=self._has_swappiness, host_swap_bytes=swap,
                               cpuset_cpus=self._cpuset_cpus, cpuset_mems=self._cpuset_mems)
 
+    def _lift_writes(self, run: RunCgroup) -> list[Write]:
+        w = []
+        if self._has_memsw:
+            w.append(Write("memory", "memory.memsw.limit_in_bytes", "-1"))   # memsw first: >= limit
+        w.append(Write("memory", "memory.limit_in_bytes", "-1"))
+        w.append(Write("pids", "pids.max", "max"))
+        w.append(Write("cpu", "cpu.cfs_quota_us", "-1"))
+        return w
+
     def _new_run(self, run_id: str) -> RunCgroup:
         sub = os.path.join(INSTANCE_PREFIX + self.instance, RUN_PREFIX + run_id)
         dirs = {c: os.path.join(h.base_dir, sub) for c, h in self._hier.items()}
@@ -1329,6 +1348,13 @@ class _V2Manager(CgroupManager):
         swap = 0 if self._has_swap_max else _host_swap_bytes(self._fs, self._proc)
         return plan_v2_writes(limits, has_swap_max=self._has_swap_max, host_swap_bytes=swap,
                               has_cpuset="cpuset" in self._hier, cpuset_cpus=self._cpuset_cpus)
+
+    def _lift_writes(self, run: RunCgroup) -> list[Write]:
+        w = [Write("memory", "memory.max", "max"), Write("pids", "pids.max", "max"),
+             Write("cpu", "cpu.max", f"max {CPU_PERIOD_US}")]
+        if run._limits and run._limits[3] is not None:
+            w.append(Write("cpuset", "cpuset.cpus", ""))     # empty: the parent's again
+        return w
 
     def _new_run(self, run_id: str) -> RunCgroup:
         d = os.path.join(self._instance_dirs()[0], RUN_PREFIX + run_id)

@@ -26,9 +26,14 @@ class RuntimeConfig:
     # How uid/gid maps are written: "auto" (root: write directly; otherwise newuidmap with a
     # /etc/subuid range when available, else a single-id map of our own uid), or force one.
     id_mapping: str = "auto"
-    # Supervisors forked ahead of time (each with its user and pid namespace and init ready),
-    # so a run does not wait for two forks. 0 disables. Each costs two idle processes.
+    # Spares built ahead of time for the most recent layouts (a layout: the plan without
+    # argv, env, limits and stdin): user and pid namespace, init placed in its cgroup, the
+    # root built, the workload staged in the exec stub, so a run only sends its GO frame.
+    # One generic spare (namespaces only) is kept besides, for a run of a new layout.
+    # 0 disables all of them. Each spare is three idle processes and a small tmpfs.
     prefork: int = 2
+    # The exec stub (sbx-exec, built by scripts/build_stub.sh). None: the one in the package.
+    exec_stub: str | None = None
     # Network segments (sandboxd.network.config.parse_network_config's mapping: segments,
     # uplink, ...). None: only "none" and "host" modes exist on this launcher.
     network: dict | None = None

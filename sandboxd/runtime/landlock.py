@@ -262,6 +262,20 @@ def _through_symlinks(path: str, symlinks: tuple[tuple[str, str], ...]) -> str:
     return path
 
 
+def exec_rule(rules: LandlockRules, argv0: str, symlinks: tuple[tuple[str, str], ...]) -> tuple[str, int] | None:
+    """argv[0]'s own file rule for a run, as resolve_parts() would add it: (path, access), or
+    None when no rule is needed (no Landlock, a PATH lookup, or a directory rule already lets
+    it execute). Layout rules are resolved once per layout without it; this is per run."""
+    if not rules.enforce or not argv0.startswith("/"):
+        return None
+    real = _through_symlinks(argv0, symlinks)
+    if any(_is_beneath(real, r.path) and r.access & ACCESS_FS_EXECUTE for r in rules.paths):
+        return None
+    if _path_problem(argv0):
+        return None
+    return argv0, (ACCESS_FS_EXECUTE | ACCESS_FS_READ_FILE) & rules.handled_fs
+
+
 def resolve(plan: Plan, abi: int) -> LandlockRules:
     """The Landlock rules for `plan` on a host whose Landlock ABI is `abi` (see abi_version())."""
     return resolve_parts(plan.filesystem, plan.landlock, plan.network.mode, abi,
@@ -489,9 +503,26 @@ def apply(prepared: Prepared) -> dict[str, Any]:
     attestation (what the kernel accepted); raises LaunchError(step="landlock") on any failure,
     having restricted nothing.
     """
+    ruleset_fd, att = build_ruleset(prepared)
+    if ruleset_fd < 0:
+        return att
+    try:
+        r = _libc.syscall(ctypes.c_long(SYS_landlock_restrict_self), ctypes.c_int(ruleset_fd),
+                          ctypes.c_uint32(0))
+        if r != 0:
+            raise _syscall_failed("landlock_restrict_self failed")
+    finally:
+        os.close(ruleset_fd)
+    return att
+
+
+def build_ruleset(prepared: Prepared) -> tuple[int, dict[str, Any]]:
+    """The ruleset of `prepared` with every rule added, not yet enforced: (fd, attestation), fd
+    -1 when there is nothing to enforce. The runtime's exec stub adds argv[0]'s rule and calls
+    landlock_restrict_self at the run. Rule paths are opened here, in the new root."""
     att = dict(prepared.attestation)
     if prepared.attr is None:
-        return att
+        return -1, att
     if linux.prctl(linux.PR_GET_NO_NEW_PRIVS, step="landlock") != 1:
         # Ordering guard: the launcher sets no_new_privs first (seccomp needs it too). Without
         # it restrict_self would depend on CAP_SYS_ADMIN, i.e. on where we happen to run.
@@ -544,13 +575,10 @@ def apply(prepared: Prepared) -> dict[str, Any]:
                               ctypes.c_uint32(0))
             if r != 0:
                 raise _syscall_failed(f"landlock_add_rule net_port {port_attr.port}")
-        r = _libc.syscall(ctypes.c_long(SYS_landlock_restrict_self), ctypes.c_int(ruleset_fd),
-                          ctypes.c_uint32(0))
-        if r != 0:
-            raise _syscall_failed("landlock_restrict_self failed")
-    finally:
+    except BaseException:
         os.close(ruleset_fd)
+        raise
     att["path_rules"] = n_paths
     att["net_rules"] = len(prepared.ports)
     att["skipped_optional"] = skipped
-    return att
+    return ruleset_fd, att

@@ -22,6 +22,7 @@ error at any step, a dead supervisor or a launcher shutdown releases it on the s
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -37,7 +38,8 @@ from typing import Any
 
 from sandboxd.errors import HostCapabilityError, LaunchError, PlanError, SandboxError
 from sandboxd.plan import Bind, DeniedSyscall, Limits, Plan, Result, Status
-from sandboxd.runtime import caps, hostinfo, linux, protocol, sandbox
+from sandboxd.runtime import caps, hostinfo, linux, protocol, result, sandbox, stubgo
+from sandboxd.runtime.result import decide_status, parse_proc_limits  # noqa: F401 (their old home)
 from sandboxd.runtime.config import RuntimeConfig
 
 
@@ -53,6 +55,11 @@ class _Sup:
     host_gid: int
     key: tuple[int, int, bool]           # (inside uid, inside gid, own netns): fixed at spawn
     cgroup: Any                          # made at spawn with no limits; the run's limits come later
+    layout: "_Layout | None" = None      # what its root is (to be) built for; None: not chosen yet
+    layout_sent: bool = False            # LAYOUT sent: init builds the root, the workload stages
+    ready: bool = False                  # READY: staged, the stub waits for a run
+    go_sock: socket.socket | None = None  # from READY: the supervisor's end of the stub's socket
+    retired: bool = False                # killed as a spare no longer wanted
     maps: tuple[str, str] = ("", "")     # the uid_map and gid_map lines written
     init_pid: int | None = None          # set by FORKED
     placed: bool = False                 # init mapped and in its cgroup: ready for a run
@@ -62,15 +69,40 @@ class _Sup:
 
 
 @dataclass
+class _Layout:
+    """A layout (sandbox.LayoutContext) resolved once: what its spares are built with."""
+
+    key: Any                             # layout_key(plan); None: this run's alone (never shared)
+    ctx: sandbox.LayoutContext
+    ctx_bytes: bytes                     # pickled once, sent to every spare of the layout
+    seccomp_info: dict
+    landlock_info: dict
+    apparmor_info: dict
+    failed: bool = False                 # a spare of it failed to stage: make no more ahead of time
+
+
+def layout_key(plan: Plan) -> Any:
+    """What a spare's prepared state depends on: everything of the plan but the run itself
+    (argv, env, limits, stdin, ids). Plans with equal keys can run in each other's spares.
+    None: the plan cannot use a prepared spare (a segment's hosts file is fixed per attach)."""
+    if plan.network.mode == "segment":
+        return None
+    return (plan.user, plan.hostname, plan.filesystem, plan.cwd, plan.network,
+            tuple(sorted(plan.caps_keep)), plan.seccomp, plan.landlock, plan.apparmor)
+
+
+@dataclass
 class _RunState:
     run_id: str
     plan: Plan
-    ctx: sandbox.RunContext
+    layout: _Layout
+    go: bytes                            # the stub's GO frame
     run_sock: socket.socket
     stdin_fd: int
     cgroup: Any
     report: dict | None = None
     completed: bool = False
+    started: bool = False                # START sent to the supervisor
     t_start: float = field(default_factory=time.monotonic)
     seccomp_info: dict = field(default_factory=dict)
     landlock_info: dict | None = None
@@ -135,9 +167,11 @@ class Launcher:
                                       hint="set RuntimeConfig.root_mountpoint to a directory this user can create") from None
         self.host_ns = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in
                         ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")}
+        self.stub_fd = stubgo.open_stub(config.exec_stub)
         self._seccomp_cache: dict[tuple, Any] = {}
-        self._landlock_cache: dict[tuple, Any] = {}
         self._apparmor_cache: dict[tuple, Any] = {}
+        # Layouts seen, most recent last (bounded): spares are built ahead for the latest ones.
+        self._layouts: collections.OrderedDict[Any, _Layout] = collections.OrderedDict()
         self._spawned = 0
         self._worker_pending = 0
         self.worker, wsock = protocol.seqpacket_pair()
@@ -195,10 +229,15 @@ class Launcher:
         """Below the spare target, and no run is being set up unless we ran out entirely: making
         a spare takes a CPU from the runs starting now (two cores here), so it waits for them."""
         idle = len(self._idle_spares())
-        if idle >= self.config.prefork:
+        if idle >= self._spare_target():
             return False
         starting = any(s.run is not None and not s.run.completed for s in self.sups.values())
         return idle == 0 or not starting
+
+    def _spare_target(self) -> int:
+        # `prefork` spares built for recent layouts, plus one generic spare (namespaces only)
+        # for a run whose layout is new.
+        return self.config.prefork + 1 if self.config.prefork else 0
 
     def _next_timeout(self) -> float | None:
         if self._want_spare():
@@ -206,16 +245,51 @@ class Launcher:
         return 1.0 if self.sups else None
 
     def _idle_spares(self) -> list[_Sup]:
-        return [s for s in self.sups.values() if s.run is None and not s.exited]
+        return [s for s in self.sups.values() if s.run is None and not s.exited and not s.retired]
 
     DEFAULT_KEY = (1000, 1000, True)   # the default plan's inside ids, with its own netns
 
+    def _wanted_layouts(self) -> list[_Layout | None]:
+        """What the idle spares should be built for: the latest layouts, newest first, one
+        spare each, the rest for the newest; and one generic spare."""
+        recent = [lay for lay in reversed(self._layouts.values())
+                  if lay.key is not None and not lay.failed][: self.config.prefork]
+        want: list[_Layout | None] = list(recent)
+        while recent and len(want) < self.config.prefork:
+            want.append(recent[0])
+        while len(want) < self._spare_target():
+            want.append(None)
+        return want
+
     def _replenish(self) -> None:
-        if self._want_spare():
+        idle = self._idle_spares()
+        if len(idle) >= self._spare_target():
+            # Enough spares, but some may be for layouts no longer wanted: retire the oldest
+            # such one (a later pass makes its replacement).
+            wanted = {id(lay) for lay in self._wanted_layouts() if lay}
+            stale = [s for s in idle if s.layout is not None and id(s.layout) not in wanted]
+            if stale:
+                self._retire(min(stale, key=lambda s: s.t_spawn))
+            return
+        if not self._want_spare():
+            return
+        have = collections.Counter(id(s.layout) if s.layout else None for s in self._idle_spares())
+        for lay in self._wanted_layouts():
+            k = id(lay) if lay else None
+            if have[k] > 0:
+                have[k] -= 1
+                continue
             try:
-                self._spawn(self.DEFAULT_KEY)
+                ns_key = self._ns_key(lay.ctx.plan) if lay else self.DEFAULT_KEY
+                sup = self._spawn(ns_key)
+                sup.layout = lay
             except SandboxError as e:
                 print(f"sandboxd-launcher: cannot make a spare: {e}", file=sys.stderr)
+            return
+
+    @staticmethod
+    def _ns_key(plan: Plan) -> tuple[int, int, bool]:
+        return (plan.user.inside_uid, plan.user.inside_gid, plan.network.mode != "host")
 
     def _check_stuck(self) -> None:
         # Safety net: a supervisor that outlives its wall limit by far is killed with its run.
@@ -272,7 +346,7 @@ class Launcher:
             pid = os.fork()
             if pid == 0:  # ---- supervisor
                 try:
-                    linux.close_fds_except((lsock_p.fileno(),))
+                    linux.close_fds_except((lsock_p.fileno(), self.stub_fd))
                     sandbox.supervisor_main(lsock_p, uid, gid)
                 finally:
                     os._exit(123)
@@ -300,10 +374,19 @@ class Launcher:
             return
         self._worker_send(protocol.REMOVE, {"cg": cg, "uid": uid})
 
-    def _take_spare(self, key: tuple[int, int, bool]) -> _Sup:
-        ready = [s for s in self._idle_spares() if s.key == key]
-        ready.sort(key=lambda s: (not s.placed, s.t_spawn))   # ready ones first, oldest first
-        return ready[0] if ready else self._spawn(key)
+    def _take_spare(self, plan: Plan, layout: _Layout) -> _Sup:
+        """A spare built for this layout (staged ones first), else a generic one (which gets
+        the layout now), else a new one."""
+        ns_key = self._ns_key(plan)
+        idle = [s for s in self._idle_spares() if s.key == ns_key]
+        if layout.key is not None:
+            same = [s for s in idle if s.layout is not None and s.layout.key == layout.key]
+            if same:
+                return min(same, key=lambda s: (not s.ready, s.t_spawn))
+        generic = [s for s in idle if s.layout is None]
+        sup = min(generic, key=lambda s: (not s.placed, s.t_spawn)) if generic else self._spawn(ns_key)
+        sup.layout = layout
+        return sup
 
     # -- one run -------------------------------------------------------------------------------
     def _start(self, payload: bytes, run_sock: socket.socket, stdin_fd: int) -> None:
@@ -320,17 +403,13 @@ class Launcher:
             raise HostCapabilityError(
                 "plan requires a per-run host uid but this launcher can only map its own uid",
                 step="userns", hint="run as root, or give the user a /etc/subuid range and install uidmap")
-        keep = caps.parse_caps(plan.caps_keep)
-        ctx = sandbox.RunContext(plan=plan, keep_caps=keep,
-                                 root_mountpoint=self.config.root_mountpoint)
-        seccomp_info = self._prepare_seccomp(plan, ctx)
-        landlock_info = self._prepare_landlock(plan, ctx)
-        apparmor_info = self._prepare_apparmor(plan, ctx)
-        sup = self._take_spare((plan.user.inside_uid, plan.user.inside_gid, plan.network.mode != "host"))
+        layout = self._layout_for(plan)
+        go, landlock_info = self._encode_go(plan, layout)
+        sup = self._take_spare(plan, layout)
         run_id = plan.run_id or f"{os.getpid()}-{time.monotonic_ns()}"
-        run = _RunState(run_id=run_id, plan=plan, ctx=ctx, run_sock=run_sock, stdin_fd=stdin_fd,
-                        cgroup=None, seccomp_info=seccomp_info, landlock_info=landlock_info,
-                        apparmor_info=apparmor_info)
+        run = _RunState(run_id=run_id, plan=plan, layout=layout, go=go, run_sock=run_sock,
+                        stdin_fd=stdin_fd, cgroup=None, seccomp_info=layout.seccomp_info,
+                        landlock_info=landlock_info, apparmor_info=layout.apparmor_info)
         if plan.filesystem.work_host_path:     # everything that can fail, before the run is attached
             try:
                 os.chown(plan.filesystem.work_host_path, sup.host_uid, sup.host_gid)
@@ -339,33 +418,101 @@ class Launcher:
                                   path=plan.filesystem.work_host_path, errno=e.errno) from None
         sup.run = run
         sup.stack.callback(run.release_stdin)   # by reference: the fd may be handed over earlier
-        if sup.placed:
-            self._dispatch(sup)
+        self._advance(sup)
 
-    def _dispatch(self, sup: _Sup) -> None:
-        """Init is mapped, in the cgroup and waiting: hand over the run."""
+    def _layout_for(self, plan: Plan, *, shared: bool = True) -> _Layout:
+        """The plan's layout, resolved once per key (seccomp compiled, Landlock rules without
+        argv[0], AppArmor profile loaded, the context pickled). shared=False: this run's own."""
+        key = layout_key(plan) if shared else None
+        if key is not None:
+            hit = self._layouts.get(key)
+            if hit is not None:
+                self._layouts.move_to_end(key)
+                return hit
+        ctx = sandbox.LayoutContext(plan=plan, keep_caps=caps.parse_caps(plan.caps_keep),
+                                    root_mountpoint=self.config.root_mountpoint,
+                                    stub_fd=self.stub_fd)
+        lay = _Layout(key=key, ctx=ctx, ctx_bytes=b"",
+                      seccomp_info=self._prepare_seccomp(plan, ctx),
+                      landlock_info=self._prepare_landlock(plan, ctx),
+                      apparmor_info=self._prepare_apparmor(plan, ctx))
+        lay.ctx_bytes = pickle.dumps(ctx, protocol=pickle.HIGHEST_PROTOCOL)
+        if key is not None:
+            self._layouts[key] = lay
+            while len(self._layouts) > 16:
+                self._layouts.popitem(last=False)
+        return lay
+
+    def _encode_go(self, plan: Plan, layout: _Layout) -> tuple[bytes, dict]:
+        """The run's part: the stub's GO frame, and the Landlock attestation with argv[0]'s rule."""
+        ctx = layout.ctx
+        rules = ctx.landlock_rules
+        rule = None
+        if rules is not None:
+            from sandboxd.runtime import landlock
+            rule = landlock.exec_rule(rules, plan.argv[0], plan.filesystem.symlinks)
+        comp = ctx.seccomp_compiled
+        go = stubgo.encode(plan, bpf=comp.bpf if comp is not None else None,
+                           seccomp_flags=comp.install_flags if comp is not None else 0,
+                           landlock=rules is not None and rules.enforce, exec_rule=rule,
+                           apparmor=ctx.apparmor_transition)
+        info = layout.landlock_info
+        if rule is not None:
+            from sandboxd.runtime import landlock
+            info = dict(info, exec_rule={"path": rule[0], "access": landlock.fs_names(rule[1])})
+        return go, info
+
+    def _advance(self, sup: _Sup) -> None:
+        """Move a placed supervisor on: its layout (LAYOUT), then, once it is staged (READY),
+        its run (GO to the stub, START to the supervisor)."""
+        if not sup.placed:
+            return                   # the host worker's PREPARE answer brings us back here
         run = sup.run
-        assert run is not None and sup.placed
-        if run.plan.network.mode == "segment" and run.network is None:
+        if run is not None and run.plan.network.mode == "segment" and run.network is None:
             # The run's network namespace exists (init made it as a spare): the worker plugs
-            # it into the segment; the context follows when it answers.
+            # it into the segment; the layout follows when it answers (the segment's hosts
+            # file is part of it).
             self._worker_send(protocol.ATTACH, {"sup": sup.pid, "run_id": run.run_id,
                                                 "netns": f"/proc/{sup.init_pid}/ns/net",
                                                 "plan": run.plan.network, "name": run.plan.hostname})
             return
         try:
-            run.cgroup = run.ctx.cgroup = sup.cgroup
+            if not sup.layout_sent and sup.layout is not None:
+                protocol.send(sup.lsock, protocol.LAYOUT, sup.layout.ctx_bytes)
+                sup.layout_sent = True
+                if run is None:
+                    # Limits as the layout's first run had them: a run with the same limits
+                    # (the usual case) then writes nothing to the cgroup at its start.
+                    self.cgroups.retune(sup.cgroup, sup.layout.ctx.plan.limits)
+            if run is None or run.started or sup.go_sock is None:
+                return                   # READY brings us back here
+            run.started = True
+            run.cgroup = sup.cgroup
             run.cgroup_readback = self.cgroups.retune(sup.cgroup, run.plan.limits)
-            protocol.send(sup.lsock, protocol.CTX, pickle.dumps(run.ctx, protocol=pickle.HIGHEST_PROTOCOL),
-                          fds=[run.run_sock.fileno(), run.stdin_fd])
+            # The CPU baseline, then GO: straight to the stub, which finishes the containment
+            # and execs. The supervisor learns of the run in the same breath (START).
+            cpu_base = sup.cgroup.cpu_usage_ns()
+            t_go = time.monotonic_ns()
+            try:
+                protocol.send_raw(sup.go_sock, run.go, fds=[run.stdin_fd])
+            except OSError:
+                pass                     # the stub died: the supervisor reports it
+            sup.go_sock.close()
+            sup.go_sock = None
+            start = sandbox.RunStart(plan=run.plan, cgroup=sup.cgroup, cpu_base_ns=cpu_base,
+                                     t_go_ns=t_go, base=self._attest_base(sup))
+            protocol.send(sup.lsock, protocol.START, pickle.dumps(start, protocol=pickle.HIGHEST_PROTOCOL),
+                          fds=[run.run_sock.fileno()])
         except (SandboxError, OSError) as e:
             err = e if isinstance(e, SandboxError) else LaunchError(str(e), step="dispatch", errno=e.errno)
-            run.report = {"launch_error": err.to_dict()}
+            if run is not None:
+                run.report = {"launch_error": err.to_dict()}
             linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
             return
         run.release_stdin()          # the supervisor has its copy now
 
     def _retire(self, sup: _Sup) -> None:
+        sup.retired = True
         linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
 
     def _check_plan(self, plan: Plan) -> None:
@@ -382,7 +529,7 @@ class Launcher:
         from sandboxd.runtime import apparmor
         apparmor.check_plan(plan.apparmor, self.host["apparmor"])   # required but impossible: refused
 
-    def _prepare_seccomp(self, plan: Plan, ctx: sandbox.RunContext) -> dict:
+    def _prepare_seccomp(self, plan: Plan, ctx: sandbox.LayoutContext) -> dict:
         if plan.seccomp is None:
             return {"enabled": False}
         from sandboxd.runtime import seccomp
@@ -405,7 +552,7 @@ class Launcher:
                 "bpf_sha256": compiled.sha256, "report_denials": sp.report_denials,
                 "uses_notify": compiled.uses_notify, "unenforced": list(compiled.unenforced)}
 
-    def _prepare_landlock(self, plan: Plan, ctx: sandbox.RunContext) -> dict | None:
+    def _prepare_landlock(self, plan: Plan, ctx: sandbox.LayoutContext) -> dict | None:
         if not plan.landlock.enabled:
             return {"enabled": False}
         try:
@@ -415,18 +562,13 @@ class Launcher:
                 raise HostCapabilityError("Landlock support is not built into this runtime", step="landlock")
             return {"enabled": False, "reason": "not built"}
         abi = self.host["landlock"]["abi"]
-        key = (plan.filesystem, plan.landlock, plan.network.mode, plan.argv[0], abi)
-        rules = self._landlock_cache.get(key)
-        if rules is None:                       # resolve() is pure: cache it per layout
-            rules = landlock.resolve(plan, abi)
-            if len(self._landlock_cache) > 256:
-                self._landlock_cache.clear()
-            self._landlock_cache[key] = rules
+        # Per layout (cached with it): argv[0]'s own rule is the run's (see _encode_go).
+        rules = landlock.resolve_parts(plan.filesystem, plan.landlock, plan.network.mode, abi)
         ctx.landlock_rules = rules
         return {"enabled": True, "abi": abi, "mode": plan.landlock.mode,
                 "unenforced": list(getattr(rules, "unenforced", []))}
 
-    def _prepare_apparmor(self, plan: Plan, ctx: sandbox.RunContext) -> dict:
+    def _prepare_apparmor(self, plan: Plan, ctx: sandbox.LayoutContext) -> dict:
         """Decide, load the profile if needed (once per profile and mode: the parser is slow),
         and give the workload its exec transition."""
         from sandboxd.runtime import apparmor
@@ -439,11 +581,17 @@ class Launcher:
         ctx.apparmor_transition = prep.transition
         return dict(prep.report)
 
+    @staticmethod
+    def _close_go_sock(sup: _Sup) -> None:
+        if sup.go_sock is not None:
+            sup.go_sock.close()
+            sup.go_sock = None
+
     def _on_lsock(self, sup: _Sup) -> None:
         try:
-            kind, payload, _ = protocol.recv(sup.lsock)
+            kind, payload, fds = protocol.recv(sup.lsock)
         except OSError:
-            kind, payload = b"", b""
+            kind, payload, fds = b"", b"", []
         if kind == protocol.FORKED:
             sup.init_pid = protocol.loads(payload)["init_pid"]
             uid_map = f"{sup.key[0]} {sup.host_uid} 1"
@@ -454,13 +602,31 @@ class Launcher:
             self._worker_send(protocol.PREPARE, {"sup": sup.pid, "init_pid": sup.init_pid,
                                                  "name": f"{os.getpid()}-{self._spawned}-{sup.pid}",
                                                  "uid_map": uid_map, "gid_map": gid_map})
+        elif kind == protocol.READY:
+            sup.ready = True
+            if fds:
+                sup.go_sock = socket.socket(fileno=fds[0])
+                sup.stack.callback(self._close_go_sock, sup)
+                self._advance(sup)
         elif kind == protocol.REPORT:
             if sup.run is not None:
                 if sup.run.report is None:
                     sup.run.report = protocol.loads(payload)
                 self._complete(sup)
+            else:
+                # A spare failed to stage its layout. Say so, and make no more spares for it
+                # ahead of time: a run of that layout would meet the same error, as its own.
+                err = (protocol.loads(payload) or {}).get("launch_error") or {}
+                print(f"sandboxd-launcher: spare failed to stage: {err.get('message')} "
+                      f"(step {err.get('step')}, errno {err.get('errno')})", file=sys.stderr)
+                if sup.layout is not None:
+                    sup.layout.failed = True
+                self._retire(sup)
         elif kind == b"":
             self._unregister(sup.lsock)
+        if kind != protocol.READY:
+            for fd in fds:
+                _close_quiet(fd)
 
     def _unregister(self, obj: Any) -> None:
         try:
@@ -515,8 +681,7 @@ class Launcher:
             linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
             return
         sup.placed = True
-        if sup.run is not None:
-            self._dispatch(sup)
+        self._advance(sup)
 
     def _on_attached(self, sup: "_Sup | None", rep: dict) -> None:
         if rep.get("error") is None and rep.get("attestation", {}).get("mode") == "segment":
@@ -541,8 +706,11 @@ class Launcher:
             plan = dataclasses.replace(run.plan, filesystem=dataclasses.replace(
                 fs, files=tuple(f for f in fs.files if f[0] != "/etc/hosts"),
                 binds=fs.binds + (Bind(source=hosts, target="/etc/hosts"),)))
-            run.plan = run.ctx.plan = plan
-        self._dispatch(sup)
+            run.plan = plan
+        # The segment's layout is this run's alone: resolved now, with the hosts file in it.
+        run.layout = sup.layout = self._layout_for(run.plan, shared=False)
+        run.go, run.landlock_info = self._encode_go(run.plan, run.layout)
+        self._advance(sup)
 
     def _on_exit(self, sup: _Sup) -> None:
         """The supervisor is gone: answer the client if not done yet, then release everything."""
@@ -576,6 +744,10 @@ class Launcher:
         if run is None or run.completed:
             return
         run.completed = True
+        if run.report and run.report.get("delivered"):
+            # The supervisor sent the result itself; what is left is the cleanup when it exits.
+            run.run_sock.close()
+            return
         try:
             frame, body = self._finish(sup)
         except SandboxError as e:
@@ -632,58 +804,17 @@ class Launcher:
             raise SandboxError.from_dict(rep["launch_error"])
         if rep.get("t_exec_ns") is None:
             raise LaunchError("the sandbox ended before the program started", step="supervisor")
-        plan = run.plan
-        lim = plan.limits
-        w = rep.get("workload") or {}
-        base = rep.get("cpu_base_ns") or 0
-        cpu_ms = max(0, cpu_total - base) / 1e6
-        t_exit = w.get("t_exit_ns")
-        wall_ms = ((t_exit or rep.get("t_end_ns") or time.monotonic_ns()) - rep["t_exec_ns"]) / 1e6
-        exit_code = sig = None
-        ws = w.get("wait_status")
-        if ws is not None:
-            if os.WIFEXITED(ws):
-                exit_code = os.WEXITSTATUS(ws)
-            elif os.WIFSIGNALED(ws):
-                sig = os.WTERMSIG(ws)
-        else:
-            sig = signal.SIGKILL  # init was killed: the workload died with the namespace
-        reason = rep.get("kill_reason")
-        res = Result(status=Status.OK, exit_code=exit_code, signal=sig, cpu_time_ms=round(cpu_ms, 3),
-                     wall_time_ms=round(wall_ms, 3), peak_memory_bytes=peak, oom_kills=ooms,
-                     killed_by_sandbox=reason is not None, kill_reason=reason)
-        res.stdout_truncated = rep["truncated"]["stdout"]
-        res.stderr_truncated = rep["truncated"]["stderr"]
-        res.denied_syscalls = [DeniedSyscall(name=n, count=c, action=a)
-                               for n, (c, a) in sorted(rep.get("denials", {}).items())]
-        res.status = decide_status(plan, res, reason, rep.get("cancelled", False))
-        res.attestation = self._attest(sup, rep)
-        return protocol.RESULT, res.to_dict(include_output=False)
+        numbers = {"cpu_ns": cpu_total, "peak": peak, "ooms": ooms}
+        return protocol.RESULT, result.build(run.plan, rep, numbers, self._attest_base(sup)).to_dict(include_output=False)
 
-    def _attest(self, sup: _Sup, rep: dict) -> dict:
+    def _attest_base(self, sup: _Sup) -> dict:
+        """The launcher's part of a run's attestation: what it resolved and wrote."""
         run = sup.run
         assert run is not None
-        att = rep.get("attestation") or {}
-        inside = caps.read_status_caps(att.get("status", ""))
-        outside = caps.read_status_caps(att.get("status_outside", ""))
-        ns = att.get("ns") or {}
-        return {
-            "namespaces": {k: {"id": v, "new": v != self.host_ns.get(k)} for k, v in ns.items()},
-            "uid_map": sup.maps[0], "gid_map": sup.maps[1],
-            "id_mapping": self.idmode,
-            "identity": {"uid": inside.get("Uid"), "gid": inside.get("Gid"), "groups": inside.get("Groups")},
-            "capabilities": {k: inside.get(k) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
-            "no_new_privs": outside.get("NoNewPrivs", inside.get("NoNewPrivs")),
-            "seccomp": dict(run.seccomp_info, mode=outside.get("Seccomp"),
-                            filters=outside.get("Seccomp_filters"),
-                            denial_flood=att.get("denial_flood")),
-            "landlock": dict(run.landlock_info or {}, applied=att.get("landlock")),
-            "apparmor": dict(run.apparmor_info, **(att.get("apparmor") or {}),
-                             host_enabled=self.host["apparmor"]["enabled"]),
-            "cgroup": dict(run.cgroup_readback),
-            "rlimits": parse_proc_limits(att.get("limits", "")),
-            "network": run.network or {"mode": run.plan.network.mode},
-        }
+        return {"host_ns": self.host_ns, "uid_map": sup.maps[0], "gid_map": sup.maps[1],
+                "id_mapping": self.idmode, "seccomp": run.seccomp_info, "landlock": run.landlock_info,
+                "apparmor": run.apparmor_info, "apparmor_host_enabled": self.host["apparmor"]["enabled"],
+                "cgroup": run.cgroup_readback, "network": run.network}
 
     def shutdown(self) -> None:
         """Kill every run and spare, answer every waiting client, release everything."""
@@ -869,49 +1000,6 @@ def write_id_maps(pid: int, uid_map: str, gid_map: str, idmode: str) -> None:
         linux.write_file(f"/proc/{pid}/setgroups", "deny", step="userns(setgroups)")
         linux.write_file(f"/proc/{pid}/uid_map", uid_map + "\n", step="userns(uid_map)")
         linux.write_file(f"/proc/{pid}/gid_map", gid_map + "\n", step="userns(gid_map)")
-
-
-def decide_status(plan: Plan, res: Result, reason: str | None, cancelled: bool) -> Status:
-    """The verdict, in precedence order. A pure function: unit-tested without a kernel."""
-    lim = plan.limits
-    if cancelled or reason == "CANCELLED":
-        return Status.CANCELLED
-    if reason == "SYSCALL_DENIED":
-        return Status.SYSCALL_DENIED
-    if reason == "OUTPUT_LIMIT" or res.signal == signal.SIGXFSZ:
-        return Status.OUTPUT_LIMIT
-    # SIGXCPU counts only when the CPU really reached the rlimit backstop (whole seconds past
-    # the limit): a program can send itself SIGXCPU, and that is SIGNALED, not a time verdict.
-    xcpu = res.signal == signal.SIGXCPU and lim.cpu_time_ms is not None and \
-        res.cpu_time_ms >= ((lim.cpu_time_ms + lim.cpu_extra_ms) // 1000 + 1) * 1000 * 0.95
-    if lim.cpu_time_ms is not None and (res.cpu_time_ms > lim.cpu_time_ms or reason == "TIME_LIMIT" or xcpu):
-        return Status.TIME_LIMIT
-    if reason == "WALL_TIME_LIMIT":
-        return Status.WALL_TIME_LIMIT
-    if res.oom_kills > 0:
-        return Status.MEMORY_LIMIT
-    if res.signal is not None:
-        return Status.SIGNALED
-    if res.exit_code:
-        return Status.RUNTIME_ERROR
-    return Status.OK
-
-
-_LIMIT_NAMES = {"Max cpu time": "cpu", "Max file size": "fsize", "Max stack size": "stack",
-                "Max core file size": "core", "Max open files": "nofile", "Max address space": "as",
-                "Max processes": "nproc"}
-
-
-def parse_proc_limits(text: str) -> dict:
-    """/proc/<pid>/limits as the workload saw it just before execve -> {name: [soft, hard]}
-    (None: unlimited). Read back, not taken from the plan."""
-    out: dict[str, list] = {}
-    for line in text.splitlines()[1:]:
-        for label, key in _LIMIT_NAMES.items():
-            if line.startswith(label):
-                parts = line[len(label):].split()
-                out[key] = [None if v == "unlimited" else int(v) for v in parts[:2]]
-    return out
 
 
 def _sha256_file(path: str) -> str:

@@ -10,11 +10,15 @@ Frames
   client -> supervisor (run socket)    CANCEL
   supervisor -> launcher               FORKED {"init_pid"}, REPORT {...} at the end
   launcher -> supervisor -> init       PLACED {"uid","gid","net"}: mapped and in the cgroup
-  launcher -> supervisor               CTX pickled RunContext, fds [run socket, stdin]
-  supervisor -> init -> workload       CTX the same bytes, fds [stdin]
+  launcher -> supervisor -> init -> workload
+                                       LAYOUT pickled LayoutContext: build the root, stage the workload
+  workload -> supervisor (sync)        STAGED {attestation} (then it execs the stub), ERROR {...}
+  supervisor -> launcher               READY: staged, waiting for a run
+  launcher -> supervisor               START pickled RunStart, fds [run socket, stdin]
+  supervisor -> stub (sync)            the stub's GO frame (stubgo.encode; no kind byte), fds [stdin]
+  stub -> supervisor (sync)            EXEC + [seccomp listener fd], ERROR {...}
+  supervisor -> stub (sync)            ACK
   launcher <-> host worker             PREPARE / REMOVE / ATTACH / DETACH requests and answers (pickled)
-  workload -> supervisor (sync)        EXEC {attestation} + [seccomp listener fd], ERROR {...}
-  supervisor -> workload (sync)        ACK
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ GO = b"G"
 REPORT = b"P"
 EXEC = b"X"
 ACK = b"A"
-CTX = b"K"
+LAYOUT = b"U"
+STAGED = b"T"
+READY = b"Y"
+START = b"S"
 PLACED = b"L"
 PREPARE = b"Q"
 REMOVE = b"D"
@@ -60,6 +67,12 @@ def send(sock: socket.socket, kind: bytes, payload: Any = None, fds: list[int] |
         data = kind + json.dumps(payload, separators=(",", ":")).encode()
     # Always sendmsg(): after the workload installs its seccomp filter, sendmsg on its sync
     # socket is the one socket call the filter is known to allow.
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], anc)
+
+
+def send_raw(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """One frame exactly as given (the stub's GO frame has its own header)."""
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
     sock.sendmsg([data], anc)
 

@@ -30,7 +30,6 @@ import collections
 import json
 import os
 import pickle
-import resource
 import selectors
 import signal
 import socket
@@ -41,7 +40,7 @@ from typing import Any
 
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.plan import Plan
-from sandboxd.runtime import apparmor, caps, landlock, linux, mounts, protocol, seccomp
+from sandboxd.runtime import apparmor, caps, landlock, linux, mounts, protocol, result, seccomp, stubgo
 
 # Everything the children use is imported here, in the launcher: after pivot_root the package's
 # files are out of reach, so a child can import nothing.
@@ -52,35 +51,59 @@ OUTPUT_CHUNK = 65536
 
 
 @dataclass
-class RunContext:
-    """Everything a run's processes need, made by the launcher and sent to the supervisor.
+class LayoutContext:
+    """What a spare is built for: everything of a plan but the run itself (argv, env, limits,
+    stdin). Made by the launcher once per layout and sent, pickled, to each spare of that
+    layout; the spare builds the root and stages the workload with it before any run exists.
 
-    It travels pickled over the launcher's own socket to its own forked children (same code,
-    same trust), because a supervisor may have been forked before the run existed (a spare).
-    Only plain values cross; ctypes structures are built in init from them."""
+    It travels over the launcher's own sockets to its own forked children (same code, same
+    trust). Only plain values cross; ctypes structures are built in the workload from them."""
 
-    plan: Plan
+    plan: Plan                          # the plan that defined the layout; only layout fields are used
     keep_caps: int
     seccomp_compiled: Any = None        # seccomp.CompiledFilter; None: no filter
-    landlock_rules: Any = None          # landlock.LandlockRules; None: no Landlock
+    landlock_rules: Any = None          # landlock.LandlockRules (without argv[0]); None: no Landlock
     apparmor_transition: Any = None     # apparmor.ExecTransition; None: no profile to apply
     root_mountpoint: str = "/run/sandboxd/root"   # from RuntimeConfig: a host detail, not the plan's
-    cgroup: Any = None                  # the run's RunCgroup; the supervisor polls its CPU time
-    # Built in init (never pickled): what the workload child installs.
-    seccomp_prepared: Any = None
+    stub_fd: int = -1                   # O_PATH fd of sbx-exec, inherited from the launcher
+    # Built in the workload (never pickled): the Landlock rules as ctypes structures.
     landlock_prepared: Any = None
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
-        d["seccomp_prepared"] = d["landlock_prepared"] = None
+        d["landlock_prepared"] = None
         return d
+
+
+@dataclass
+class RunStart:
+    """The run itself, sent to a staged spare's supervisor with the run's socket, right after
+    the launcher sent the stub its GO frame."""
+
+    plan: Plan                          # the run's whole plan (limits, output caps, verdict)
+    cgroup: Any                         # the run's RunCgroup: CPU polled, numbers read at the end
+    cpu_base_ns: int                    # the cgroup's CPU time when GO was sent
+    t_go_ns: int                        # CLOCK_MONOTONIC when GO was sent: deadlines run from it
+    base: dict                          # the launcher's part of the attestation (result.build)
 
 
 # ---------------------------------------------------------------------------------------------
 # workload: the containment order. Each step's position matters; see the comments.
 # ---------------------------------------------------------------------------------------------
-def contain_and_exec(ctx: RunContext, sync: socket.socket) -> None:
-    """Runs in the workload process with stdio and the sync socket already in place (fds 0-3)."""
+def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
+    """Runs in the spare's workload process with stdio and the sync socket in place (fds 0-3),
+    inside the new root. The whole order, this function's steps then sbx-exec's (stub/sbx-exec.c):
+
+      Python, ahead of the run      sbx-exec, at the run
+      1 reset signal dispositions   7  stdin to fd 0
+      2 setsid                      8  rlimits
+      3 chdir to the plan's cwd     9  resolve argv[0] in PATH
+      4 drop capabilities           10 AppArmor: profile at the next execve
+      5 no_new_privs                11 Landlock: argv[0]'s file rule, restrict_self
+      6 Landlock ruleset built      12 seccomp filter (last)
+        (not yet enforced)          13 EXEC + listener -> supervisor, wait for ACK; execve
+    The split is for speed: everything left of it is done while the spare waits; execve from
+    the small static stub costs a fraction of execve from a fork of Python."""
     plan = ctx.plan
     reset_signals()                                # Python ignores SIGPIPE and SIGXFSZ; programs must not
     os.setsid()                                    # new session: no TIOCSTI into a terminal
@@ -88,41 +111,37 @@ def contain_and_exec(ctx: RunContext, sync: socket.socket) -> None:
         os.chdir(plan.cwd)
     except OSError as e:
         raise LaunchError("chdir to working directory", step="chdir", path=plan.cwd, errno=e.errno) from None
-    apply_rlimits(plan)                            # before caps: lowering needs nothing, raising is gone after
-    exe = resolve_executable(plan)                 # inside the new root, before seccomp narrows syscalls
     caps.drop_to(ctx.keep_caps, plan.user.inside_uid, plan.user.inside_gid)
-    if ctx.apparmor_transition is not None:        # takes effect at execve; before Landlock, which
-        apparmor.apply_exec(ctx.apparmor_transition)   # makes /proc/self read-only
     linux.set_no_new_privs()                       # before Landlock and seccomp: both need it unprivileged,
                                                    # and setuid binaries can no longer regain anything
-    landlock_att = None
+    ruleset_fd, landlock_att = -1, None
     if ctx.landlock_prepared is not None:          # after pivot_root: rules name paths of the new root
-        landlock_att = landlock.apply(ctx.landlock_prepared)
-    att = {"status": _read("/proc/self/status"), "limits": _read("/proc/self/limits"),
-           "ns": _ns_ids(), "landlock": landlock_att}
-    listener = -1
-    if ctx.seccomp_prepared is not None:           # LAST: the filter need not allow our own setup
-        listener = seccomp.install_filter(ctx.seccomp_prepared)
-    # Hand the listener to the supervisor (sendmsg on SYNC_FD is the one syscall the compiler
-    # adds), then wait for its ACK: it reads the cgroup's CPU baseline before we exec.
-    protocol.send(sync, protocol.EXEC, att, fds=[listener] if listener >= 0 else ())
-    if os.read(SYNC_FD, 1) != protocol.ACK:
-        os._exit(126)
-    env = {k: v for k, v in plan.env}
+        ruleset_fd, landlock_att = landlock.build_ruleset(ctx.landlock_prepared)
+    att = {"status": _read("/proc/self/status"), "ns": _ns_ids(), "landlock": landlock_att}
+    protocol.send(sync, protocol.STAGED, att)
+    # The stub inherits exactly: stdio, the sync socket (3) and the Landlock ruleset (4); it
+    # makes both close-on-exec again before the program's execve.
+    os.set_inheritable(SYNC_FD, True)
+    if ruleset_fd >= 0:
+        if ruleset_fd != stubgo.RULESET_FD:
+            os.dup2(ruleset_fd, stubgo.RULESET_FD)
+            os.close(ruleset_fd)
+        os.set_inheritable(stubgo.RULESET_FD, True)
     try:
-        os.execve(exe, list(plan.argv), env)
+        os.execve(ctx.stub_fd, ["sbx-exec", str(stubgo.RULESET_FD) if ruleset_fd >= 0 else "-"], {})
     except OSError as e:
-        raise LaunchError(f"execve {plan.argv[0]}", step="execve", path=exe, errno=e.errno) from None
+        raise LaunchError("execve sbx-exec (the runtime's exec stub)", step="stub", errno=e.errno) from None
 
 
-def place_fds(stdin_fd: int, out_fd: int, err_fd: int, sync_fd: int) -> socket.socket:
-    """stdin/stdout/stderr to 0-2, the sync socket to SYNC_FD, every other fd closed."""
+def place_fds(stdin_fd: int, out_fd: int, err_fd: int, sync_fd: int, keep: int = -1) -> socket.socket:
+    """stdin/stdout/stderr to 0-2, the sync socket to SYNC_FD, every other fd but `keep` (the
+    stub's O_PATH fd, close-on-exec) closed."""
     # Move everything high first so no dup2 can clobber a source that sits on a low number.
     hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in (stdin_fd, out_fd, err_fd, sync_fd)]
     for i in range(3):
         os.dup2(hi[i], i, inheritable=True)
     os.dup2(hi[3], SYNC_FD, inheritable=False)
-    linux.close_fds_except((SYNC_FD,))             # nothing of ours leaks into the program
+    linux.close_fds_except((SYNC_FD, keep))        # nothing of ours leaks into the program
     return socket.socket(fileno=SYNC_FD)
 
 
@@ -140,48 +159,6 @@ def reset_signals() -> None:
         except (OSError, ValueError):
             pass                                   # 32/33: glibc-reserved real-time signals
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
-
-def apply_rlimits(plan: Plan) -> None:
-    lim = plan.limits
-    items = [
-        (resource.RLIMIT_CORE, 0),                 # no core files: they leak memory contents and fill disks
-        (resource.RLIMIT_STACK, lim.stack_bytes),
-        (resource.RLIMIT_FSIZE, lim.file_size_bytes),
-        (resource.RLIMIT_NOFILE, lim.open_files),
-        # Everything else explicitly, not inherited from the launcher: no locked memory beyond
-        # a page-pinning default, no real-time priority, no nice boosts, bounded queues/signals.
-        (resource.RLIMIT_MEMLOCK, 64 << 10),
-        (resource.RLIMIT_RTPRIO, 0),
-        (resource.RLIMIT_NICE, 0),
-        (resource.RLIMIT_MSGQUEUE, 800 << 10),
-        (resource.RLIMIT_SIGPENDING, 4096),
-    ]
-    if lim.cpu_time_ms is not None:
-        # Backstop per process; the cgroup is the real CPU clock. SIGXCPU at soft, SIGKILL at hard.
-        soft = (lim.cpu_time_ms + lim.cpu_extra_ms) // 1000 + 1
-        items.append((resource.RLIMIT_CPU, soft))
-    if lim.address_space_bytes is not None:
-        items.append((resource.RLIMIT_AS, lim.address_space_bytes))
-    for res, val in items:
-        hard = val + 1 if res == resource.RLIMIT_CPU else val
-        try:
-            resource.setrlimit(res, (val, hard))
-        except (OSError, ValueError) as e:
-            raise LaunchError(f"setrlimit {res}={val}", step="rlimits",
-                              errno=getattr(e, "errno", None)) from None
-
-
-def resolve_executable(plan: Plan) -> str:
-    name = plan.argv[0]
-    if "/" in name:
-        return name
-    path = dict(plan.env).get("PATH", "/usr/bin:/bin")
-    for d in path.split(":"):
-        cand = os.path.join(d or ".", name)
-        if os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return cand
-    raise LaunchError(f"executable {name!r} not found in PATH {path}", step="execve", path=name, errno=2)
 
 
 def _read(path: str) -> str:
@@ -258,13 +235,13 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
     os.close(out_w)
     os.close(err_w)
 
-    # -- phase B: the run.
-    kind, payload, fds = protocol.recv(isock)
-    if kind != protocol.CTX or len(fds) != 1:
+    # -- phase B: the layout. Build the root and stage the workload; the run comes later, to
+    # the workload directly (init only reaps and reports).
+    kind, payload, _ = protocol.recv(isock)
+    if kind != protocol.LAYOUT:
         os._exit(0)
-    stdin_fd = fds[0]
     isock.close()
-    ctx: RunContext = pickle.loads(payload)
+    ctx: LayoutContext = pickle.loads(payload)
     plan = ctx.plan
     try:
         linux.sethostname(plan.hostname)
@@ -276,8 +253,7 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
     except OSError as e:
         _report_error(sync_c, LaunchError(str(e), step="init", errno=e.errno))
         os._exit(125)
-    protocol.send(wsock_i, protocol.CTX, payload, fds=[stdin_fd])
-    os.close(stdin_fd)
+    protocol.send(wsock_i, protocol.LAYOUT, payload)
     wsock_i.close()
     sync_c.close()
 
@@ -306,19 +282,21 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
 
 
 def workload_main(wsock: socket.socket, out_w: int, err_w: int, sync_c: socket.socket) -> None:
-    """The workload process until execve; never returns."""
+    """The spare's workload process until it execs the stub; never returns."""
     sync = sync_c
     try:
-        kind, payload, fds = protocol.recv(wsock)
-        if kind != protocol.CTX or len(fds) != 1:
+        kind, payload, _ = protocol.recv(wsock)
+        if kind != protocol.LAYOUT:
             os._exit(0)
-        ctx: RunContext = pickle.loads(payload)
-        if ctx.seccomp_compiled is not None:       # ctypes structures for the last steps
-            ctx.seccomp_prepared = seccomp.prepare_install(ctx.seccomp_compiled)
-        if ctx.landlock_rules is not None:
+        ctx: LayoutContext = pickle.loads(payload)
+        if ctx.landlock_rules is not None:         # ctypes structures for the ruleset
             ctx.landlock_prepared = landlock.prepare(ctx.landlock_rules)
-        sync = place_fds(fds[0], out_w, err_w, sync_c.fileno())
-        contain_and_exec(ctx, sync)
+        # Out of the way of the fd numbers place_fds fills.
+        ctx.stub_fd = fcntl.fcntl(ctx.stub_fd, fcntl.F_DUPFD_CLOEXEC, 64)
+        # stdin is the run's; until it comes, /dev/null (the new root's) holds the place.
+        devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        sync = place_fds(devnull, out_w, err_w, sync_c.fileno(), keep=ctx.stub_fd)
+        contain_and_stage(ctx, sync)
     except SandboxError as e:
         _report_error(sync, e)
     except BaseException as e:  # noqa: BLE001 - the child must never return into the launcher's code
@@ -365,6 +343,8 @@ class _Run:
         self.cancelled = False
         self.denial_count = 0
         self.t_end_ns: int | None = None
+        self.staged = False                # the workload staged itself and exec'd the stub
+        self.cgroup: Any = None            # the run's RunCgroup, from GO
 
 
 def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
@@ -408,20 +388,38 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         return 0
     protocol.send(isock_p, protocol.PLACED, payload)
 
-    # Ready. Wait for a run (a spare may wait long); EOF: retired, and init dies with us.
+    # The layout: init builds the root, the workload stages itself and execs the stub. Then
+    # this spare is ready; wait for a run (a spare may wait long). EOF: retired, and init dies
+    # with us.
+    kind, payload, _ = protocol.recv(lsock)
+    if kind != protocol.LAYOUT:
+        return 0
+    protocol.send(isock_p, protocol.LAYOUT, payload)
+    isock_p.close()
+    ctx: LayoutContext = pickle.loads(payload)
+    st = _Run()
+    # Blocking is fine: init and the workload either stage or report an error, and a failed
+    # init takes its pid namespace (and this socket's other ends) with it.
+    while not st.staged and st.launch_error is None:
+        if not _on_sync(ctx, sync_p, st, lsock):
+            break
+    if not st.staged:
+        protocol.send(lsock, protocol.REPORT, {"launch_error": st.launch_error or LaunchError(
+            "the spare ended while being staged", step="init").to_dict()})
+        return 0
+    # READY carries our end of the sync socket: the launcher sends the stub its GO frame
+    # itself, so a run's start does not wait for this process to be scheduled.
+    protocol.send(lsock, protocol.READY, fds=[sync_p.fileno()])
     kind, payload, fds = protocol.recv(lsock)
-    if kind != protocol.CTX or len(fds) != 2:
+    if kind != protocol.START or len(fds) != 1:
         return 0
     run_sock = socket.socket(fileno=fds[0])
-    stdin_fd = fds[1]
-    protocol.send(isock_p, protocol.CTX, payload, fds=[stdin_fd])   # init first: it has the work
-    os.close(stdin_fd)
-    isock_p.close()
-    ctx: RunContext = pickle.loads(payload)
-    plan = ctx.plan
+    start: RunStart = pickle.loads(payload)
+    plan = start.plan
+    st.cgroup = start.cgroup
+    st.cpu_base_ns = start.cpu_base_ns
     lim = plan.limits
 
-    st = _Run()
     sel = selectors.DefaultSelector()
     streams = {out_r: ("stdout", protocol.OUT1, lim.stdout_bytes), err_r: ("stderr", protocol.OUT2, lim.stderr_bytes)}
     for fd in streams:
@@ -433,10 +431,13 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     sel.register(pidfd, selectors.EVENT_READ, "init")
     listener = -1
     open_pipes = set(streams)
-    init_done = False
-    wall_deadline: float | None = None
-    cpu_next: float | None = None
     cpu_limit_ns = None if lim.cpu_time_ms is None else (lim.cpu_time_ms + lim.cpu_extra_ms) * 1_000_000
+    init_done = False
+    finished = False           # the workload ended and nothing else of the run is left
+    # Deadlines run from GO (the stub's last steps are microseconds of the run's time).
+    go_s = start.t_go_ns / 1e9
+    wall_deadline: float | None = go_s + lim.wall_time_ms / 1000.0
+    cpu_next: float | None = time.monotonic() if cpu_limit_ns is not None else None
     ncpu = max(1, len(os.sched_getaffinity(0)))
     status_buf = b""
 
@@ -446,9 +447,9 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         linux.pidfd_send_signal(pidfd, signal.SIGKILL)
 
     def cpu_used() -> int:
-        if ctx.cgroup is None or st.cpu_base_ns is None:
+        if st.cgroup is None or st.cpu_base_ns is None:
             return 0
-        return ctx.cgroup.cpu_usage_ns() - st.cpu_base_ns
+        return st.cgroup.cpu_usage_ns() - st.cpu_base_ns
 
     # Output to the client never blocks this loop (its deadlines must keep running while a
     # client is slow): frames the socket cannot take wait in a bounded outbox, and the output
@@ -495,9 +496,9 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         if client_open:
             sel.modify(run_sock, selectors.EVENT_READ, "client")
 
-    while not (init_done and not open_pipes and not outbox):
+    while not (finished and not open_pipes and not outbox):
         now = time.monotonic()
-        if init_done and outbox:
+        if finished and outbox:
             # Everything ran; only the client is late. Wait for it a while, not forever.
             flush_deadline = flush_deadline or now + 30.0
             if now > flush_deadline:
@@ -534,15 +535,16 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
                 data = os.read(status_r, 4096)
                 if data:
                     status_buf += data
+                    try:                            # one write() of a few bytes: complete at once
+                        st.workload = json.loads(status_buf)
+                    except ValueError:
+                        pass
                 else:
                     sel.unregister(status_r)
-                    if status_buf:
+                    if status_buf and st.workload is None:
                         st.workload = json.loads(status_buf)
             elif tag == "sync":
                 more = _on_sync(ctx, sync_p, st, lsock)
-                if st.t_exec_ns is not None and wall_deadline is None:
-                    wall_deadline = time.monotonic() + lim.wall_time_ms / 1000.0
-                    cpu_next = time.monotonic() if cpu_limit_ns is not None else None
                 if st.attestation.get("_listener", -1) >= 0:
                     listener = st.attestation.pop("_listener")
                     sel.register(listener, selectors.EVENT_READ, "notify")
@@ -582,12 +584,24 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
                 st.t_end_ns = time.monotonic_ns()   # the run's end, whatever the client's pace
                 st.attestation["init_wait_status"] = status
                 sel.unregister(pidfd)
-                init_done = True
+                init_done = finished = True
+        if not finished and st.workload is not None and not open_pipes:
+            # The workload ended and closed its output. When nothing but init is left in the
+            # cgroup (init exits right after its report), the numbers are final now: the
+            # result need not wait for init's exit and the namespaces' teardown. Otherwise
+            # (background processes) init's exit kills them, and we wait for it.
+            try:
+                left = st.cgroup.pids(first_only=True) if st.cgroup is not None else [ipid]
+            except SandboxError:
+                left = [ipid]
+            if set(left) <= {ipid}:
+                finished = True
+                st.t_end_ns = time.monotonic_ns()
         now = time.monotonic()
-        if wall_deadline is not None and now >= wall_deadline and not init_done:
+        if wall_deadline is not None and now >= wall_deadline and not finished:
             kill("WALL_TIME_LIMIT")
             wall_deadline = None
-        if cpu_next is not None and now >= cpu_next and not init_done:
+        if cpu_next is not None and now >= cpu_next and not finished:
             used = cpu_used()
             if used >= cpu_limit_ns:
                 kill("TIME_LIMIT")
@@ -595,6 +609,11 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
             else:
                 # Next look when the remaining budget could be gone if every CPU were spinning.
                 cpu_next = now + min(0.1, max(0.002, (cpu_limit_ns - used) / 1e9 / ncpu))
+    # The stub's last word (an execve that failed after EXEC) may still be queued when the
+    # run ended early: read it before deciding what the run was.
+    if sync_p.fileno() in {k.fd for k in sel.get_map().values()}:
+        while _on_sync(ctx, sync_p, st, lsock, drain=True):
+            pass
     # status pipe may still hold the report if init exited right after writing it
     if st.workload is None:
         try:
@@ -615,15 +634,36 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         "truncated": st.truncated,
         "attestation": st.attestation,
     }
+    # A run that reached its program: the result goes from here straight to the client (one
+    # process hop less than through the launcher), then the report to the launcher, which
+    # releases the run's resources. Anything else is the launcher's to answer.
+    report["delivered"] = False
+    if st.launch_error is None and st.t_exec_ns is not None and st.cgroup is not None and client_open:
+        try:
+            numbers = {"cpu_ns": st.cgroup.cpu_usage_ns(), "peak": st.cgroup.memory_peak(),
+                       "ooms": st.cgroup.oom_kills()}
+            res = result.build(plan, report, numbers, start.base)
+            frame = protocol.RESULT + json.dumps(res.to_dict(include_output=False), separators=(",", ":")).encode()
+            run_sock.settimeout(30.0)
+            run_sock.sendmsg([frame])
+            report["delivered"] = True
+        except (SandboxError, OSError, ValueError, KeyError) as e:
+            report["deliver_error"] = repr(e)
     protocol.send(lsock, protocol.REPORT, report)
+    if not init_done:
+        os.waitpid(ipid, 0)    # init exits by itself right after its report
     return 0
 
 
-def _on_sync(ctx: RunContext, sync_p: socket.socket, st: _Run, lsock: socket.socket) -> bool:
-    """One message from init or the workload; False at EOF."""
+def _on_sync(ctx: LayoutContext, sync_p: socket.socket, st: _Run, lsock: socket.socket,
+             drain: bool = False) -> bool:
+    """One message from init, the staging workload or the stub; False at EOF (drain: also
+    when nothing is queued)."""
     try:
         data, anc, _flags, _ = sync_p.recvmsg(protocol.MAX_FRAME, socket.CMSG_SPACE(16) + socket.CMSG_SPACE(12),
-                                              socket.MSG_CMSG_CLOEXEC)
+                                              socket.MSG_CMSG_CLOEXEC | (socket.MSG_DONTWAIT if drain else 0))
+    except BlockingIOError:
+        return False
     except OSError:            # ECONNRESET: the run was killed (cancel, limit) mid-setup
         data, anc = b"", []
     if not data:
@@ -639,29 +679,37 @@ def _on_sync(ctx: RunContext, sync_p: socket.socket, st: _Run, lsock: socket.soc
             wpid = struct.unpack("iII", cdata[:12])[0]
     kind, payload = data[:1], data[1:]
     if kind == protocol.ERROR:
+        for fd in fds:
+            os.close(fd)
         st.launch_error = json.loads(payload)
         return True
-    if kind != protocol.EXEC:
+    if kind == protocol.STAGED:
+        st.attestation.update(json.loads(payload))
+        st.staged = True
         return True
-    att = json.loads(payload)
+    if kind != protocol.EXEC:
+        for fd in fds:
+            os.close(fd)
+        return True
+    # "<monotonic ns>\0<status>\0<limits>\0": the stub's read-back after its last step.
+    parts = payload.split(b"\0")
+    try:
+        st.t_exec_ns = int(parts[0])
+    except ValueError:
+        st.t_exec_ns = time.monotonic_ns()
+    att: dict[str, Any] = {"status": parts[1].decode(errors="replace") if len(parts) > 1 else "",
+                           "limits": parts[2].decode(errors="replace") if len(parts) > 2 else ""}
     if wpid:
-        # Read back what the kernel says of the workload, from outside it, while it waits.
-        status = _read(f"/proc/{wpid}/status")
-        att["status_outside"] = status
+        # And from outside, when the program is still there to be read (best effort: the
+        # stub may have exec'd and the program ended already).
+        att["status_outside"] = _read(f"/proc/{wpid}/status")
         att["_wpid"] = wpid
     st.attestation.update(att)
     st.attestation["_listener"] = fds[0] if fds else -1
-    if ctx.cgroup is not None:
-        st.cpu_base_ns = ctx.cgroup.cpu_usage_ns()
-    st.t_exec_ns = time.monotonic_ns()
-    try:
-        sync_p.send(protocol.ACK)
-    except OSError:
-        return False           # the workload died before it could exec
     return True
 
 
-def _verify_apparmor(ctx: RunContext, st: _Run, kill: Any) -> None:
+def _verify_apparmor(ctx: LayoutContext, st: _Run, kill: Any) -> None:
     """Read the workload's confinement back from the kernel once it has exec'd; a workload not
     confined as planned is killed and the run fails (fail closed)."""
     wpid = st.attestation.get("_wpid")
@@ -691,7 +739,7 @@ MAX_DENIAL_NAMES = 256        # distinct syscall names kept in a report; the res
 DENIAL_BUDGET = 20_000       # notifications answered per run before it is ended as a denial flood
 
 
-def _on_notify(ctx: RunContext, listener: int, st: _Run, kill: Any) -> bool:
+def _on_notify(ctx: LayoutContext, listener: int, st: _Run, kill: Any) -> bool:
     """One seccomp notification: record the syscall by name, then do what the profile said.
 
     Returns False only when no task can use the filter any more (the listener hung up). A
