@@ -108,6 +108,7 @@ class _RunState:
     landlock_info: dict | None = None
     cgroup_readback: dict = field(default_factory=dict)
     network: dict | None = None          # segment attach attestation, when the plan has one
+    spare: dict = field(default_factory=dict)   # how the run started (see _start)
     apparmor_info: dict = field(default_factory=dict)
 
     def release_stdin(self) -> None:
@@ -406,10 +407,14 @@ class Launcher:
         layout = self._layout_for(plan)
         go, landlock_info = self._encode_go(plan, layout)
         sup = self._take_spare(plan, layout)
+        # How the run started: in a spare already staged for its layout (the fast path), or
+        # one that still had to build its root for it.
+        spare_info = {"staged": sup.ready, "layout_shared": layout.key is not None}
         run_id = plan.run_id or f"{os.getpid()}-{time.monotonic_ns()}"
         run = _RunState(run_id=run_id, plan=plan, layout=layout, go=go, run_sock=run_sock,
                         stdin_fd=stdin_fd, cgroup=None, seccomp_info=layout.seccomp_info,
-                        landlock_info=landlock_info, apparmor_info=layout.apparmor_info)
+                        landlock_info=landlock_info, apparmor_info=layout.apparmor_info,
+                        spare=spare_info)
         if plan.filesystem.work_host_path:     # everything that can fail, before the run is attached
             try:
                 os.chown(plan.filesystem.work_host_path, sup.host_uid, sup.host_gid)
@@ -814,7 +819,7 @@ class Launcher:
         return {"host_ns": self.host_ns, "uid_map": sup.maps[0], "gid_map": sup.maps[1],
                 "id_mapping": self.idmode, "seccomp": run.seccomp_info, "landlock": run.landlock_info,
                 "apparmor": run.apparmor_info, "apparmor_host_enabled": self.host["apparmor"]["enabled"],
-                "cgroup": run.cgroup_readback, "network": run.network}
+                "cgroup": run.cgroup_readback, "network": run.network, "spare": run.spare}
 
     def shutdown(self) -> None:
         """Kill every run and spare, answer every waiting client, release everything."""

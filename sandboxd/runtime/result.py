@@ -76,6 +76,7 @@ def attest(plan: Plan, rep: dict, base: dict) -> dict:
         "cgroup": dict(base.get("cgroup", {})),
         "rlimits": parse_proc_limits(att.get("limits", "")),
         "network": base.get("network") or {"mode": plan.network.mode},
+        "spare": base.get("spare") or {},
     }
 
 

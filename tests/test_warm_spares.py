@@ -1,0 +1,185 @@
+"""Warm spares and the exec stub, on the real kernel.
+
+A spare is built ahead for a layout (the plan without argv, env, limits, stdin): its root is
+mounted and its workload staged in sbx-exec. These tests check that the fast path is taken
+when it should be, that a run never lands in a spare built for another layout, that the run's
+own parts (argv, env, stdin, rlimits, cgroup limits) are the run's and not the layout's first
+run's, and that the stub answers a bad GO frame with an error instead of running anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sandboxd.errors import PlanError
+from sandboxd.plan import Bind, Status
+from sandboxd.runtime import protocol, stubgo
+from tests.conftest import need_root
+from tests.sandbox_helpers import plan, py, sh
+
+
+
+@pytest.fixture(autouse=True)
+def _root():
+    need_root()
+
+
+def _staged_run(runtime, p, **kw):
+    """Run `p` once to make its layout known, give the launcher time to stage spares for it,
+    then run it again."""
+    runtime.run(p, **kw)
+    deadline = time.monotonic() + 5
+    while True:
+        time.sleep(0.3)
+        r = runtime.run(p, **kw)
+        if r.attestation["spare"].get("staged") or time.monotonic() > deadline:
+            return r
+
+
+def test_a_repeated_layout_starts_in_a_staged_spare(runtime):
+    r = _staged_run(runtime, plan(["/bin/true"]))
+    assert r.status == Status.OK
+    assert r.attestation["spare"] == {"staged": True, "layout_shared": True}
+    # Everything is still attested from the kernel after the stub's last step.
+    assert r.attestation["seccomp"]["mode"] == 2 and r.attestation["no_new_privs"] == 1
+    assert all(v == [] for v in r.attestation["capabilities"].values())
+    assert r.attestation["rlimits"]["core"] == [0, 0]
+
+
+def test_argv_env_stdin_and_rlimits_are_the_runs_own(runtime):
+    base = sh('echo "$1 $X"; cat; ulimit -n', open_files=64)
+    _staged_run(runtime, base)
+    time.sleep(1.0)            # a spare staged again for the layout
+    p = dataclasses.replace(sh('echo "$0 $X"; cat; ulimit -n', open_files=99),
+                            env=base.env + (("X", "mine"),))
+    r = runtime.run(p, stdin=b"in\n")
+    assert r.attestation["spare"]["staged"] is True          # same layout: same spare kind
+    assert r.stdout == b"/bin/sh mine\nin\n99\n"
+    assert r.attestation["rlimits"]["nofile"] == [99, 99]
+
+
+def test_a_run_never_lands_in_a_spare_of_another_layout(runtime):
+    import tempfile
+    tmp_path = Path(tempfile.mkdtemp(prefix="sbx-layout-"))    # reachable by the run's uid
+    tmp_path.chmod(0o755)
+    (tmp_path / "secret").write_text("layout A only")
+    try:
+        _never_another_layout(runtime, tmp_path)
+    finally:
+        import shutil
+        shutil.rmtree(tmp_path)
+
+
+def _never_another_layout(runtime, tmp_path):
+    a = dataclasses.replace(sh("cat /data/secret"))
+    fs = a.filesystem
+    a = dataclasses.replace(a, filesystem=dataclasses.replace(
+        fs, binds=fs.binds + (Bind(source=str(tmp_path), target="/data"),)))
+    r = _staged_run(runtime, a)
+    assert r.stdout == b"layout A only" and r.attestation["spare"]["staged"]
+    # Layout B (no /data) right after: the spares staged for A hold /data; B must not get one.
+    r = runtime.run(sh("test -e /data && echo LEAK || echo clean"))
+    assert r.stdout == b"clean\n", r
+
+
+def test_cgroup_limits_other_than_the_layouts_are_applied(runtime):
+    """Spares are tuned to their layout's first limits; a run with other limits gets its own."""
+    alloc = "b = bytearray(100 << 20); b[::4096] = b'x' * len(b[::4096]); print('ok')"
+    r = _staged_run(runtime, py(alloc, memory_bytes=256 << 20))
+    assert r.status == Status.OK and r.attestation["spare"]["staged"]
+    r = runtime.run(py(alloc, memory_bytes=64 << 20))
+    assert r.status == Status.MEMORY_LIMIT, r
+    assert r.attestation["cgroup"]["memory_limit_bytes"] == 64 << 20
+    r = runtime.run(py(alloc, memory_bytes=256 << 20, pids=5))
+    assert r.status == Status.OK and r.attestation["cgroup"]["pids_max"] == 5
+
+
+# -- the stub on its own ----------------------------------------------------------------------
+
+def _start_stub(tmp_path):
+    """sbx-exec with fd 3 a SOCK_SEQPACKET socket to us, as a staged workload would have it."""
+    ours, theirs = protocol.seqpacket_pair()
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([stubgo.STUB_PATH, "-"], stdout=f, stderr=subprocess.STDOUT,
+                                close_fds=False,
+                                preexec_fn=lambda: os.dup2(theirs.fileno(), 3))
+    theirs.close()
+    return proc, ours, out
+
+
+def test_stub_runs_a_go_frame(tmp_path):
+    from sandboxd import planner
+    p = planner.build_plan(["echo", "from", "stub"], env={"PATH": "/usr/bin:/bin"})
+    proc, sock, out = _start_stub(tmp_path)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    protocol.send_raw(sock, stubgo.encode(p, bpf=None, seccomp_flags=0, landlock=False, exec_rule=None),
+                      fds=[fd])
+    os.close(fd)
+    msg = sock.recv(65536)
+    assert msg[:1] == b"X"
+    t_ns, status, limits = msg[1:].split(b"\0")[:3]
+    assert abs(int(t_ns) - time.monotonic_ns()) < 5e9
+    assert b"NoNewPrivs" in status and b"Max open files" in limits and b"256" in limits
+    assert proc.wait(10) == 0
+    assert out.read_bytes() == b"from stub\n"
+    assert sock.recv(16) == b""        # fd 3 was close-on-exec: EOF means "exec'd"
+
+
+@pytest.mark.parametrize("frame, what", [
+    (b"junk", "too short"),
+    (b"\0" * 48, "bad magic"),
+    (stubgo._HEADER.pack(stubgo.MAGIC, 0, 999, 0, 0, 1, 0, 0, 0), "bad sizes"),
+    (stubgo._HEADER.pack(stubgo.MAGIC, 0, 0, 0, 0, 1, 0, 0, 0) + b"no-nul", "unterminated"),
+])
+def test_stub_refuses_a_malformed_go_frame(tmp_path, frame, what):
+    proc, sock, out = _start_stub(tmp_path)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    protocol.send_raw(sock, frame, fds=[fd])
+    os.close(fd)
+    msg = sock.recv(65536)
+    assert msg[:1] == b"E"
+    err = json.loads(msg[1:])
+    assert err["step"] == "stub" and what in err["message"]
+    assert proc.wait(10) == 127
+    assert out.read_bytes() == b""
+
+
+def test_stub_names_a_missing_program_and_its_errno(tmp_path):
+    from sandboxd import planner
+    p = planner.build_plan(["no-such-program-here"], env={"PATH": "/usr/bin:/bin"})
+    proc, sock, _ = _start_stub(tmp_path)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    protocol.send_raw(sock, stubgo.encode(p, bpf=None, seccomp_flags=0, landlock=False, exec_rule=None),
+                      fds=[fd])
+    os.close(fd)
+    err = json.loads(sock.recv(65536)[1:])
+    assert (err["step"], err["errno"], err["path"]) == ("execve", 2, "no-such-program-here")
+    assert proc.wait(10) == 127
+
+
+def test_go_frame_too_large_is_a_plan_error():
+    from sandboxd import planner
+    p = planner.build_plan(["/bin/true"], env={"BIG": "x" * (stubgo.MAX_GO + 1)})
+    with pytest.raises(PlanError, match="too large"):
+        stubgo.encode(p, bpf=None, seccomp_flags=0, landlock=False, exec_rule=None)
+
+
+def test_go_frame_layout():
+    from sandboxd import planner
+    p = planner.build_plan(["/bin/echo", "a"], env={"PATH": "/p"})
+    f = stubgo.encode(p, bpf=b"\0" * 16, seccomp_flags=8, landlock=True,
+                      exec_rule=("/box/prog", 5))
+    h = stubgo._HEADER.unpack_from(f)
+    magic, flags, nrl, sflags, blen, argc, envc, _, access = h
+    assert magic == stubgo.MAGIC and flags == stubgo.F_SECCOMP | stubgo.F_LANDLOCK | stubgo.F_LANDLOCK_EXEC_RULE
+    assert (sflags, blen, argc, envc, access) == (8, 16, 2, len(p.env), 5)
+    strings = f[stubgo._HEADER.size + nrl * stubgo._RLIMIT.size + 16:].split(b"\0")
+    assert strings[:6] == [b"/p", b"/box/prog", b"", b"", b"/bin/echo", b"a"]
