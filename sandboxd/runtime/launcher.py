@@ -5,17 +5,20 @@ leave locks held forever in the child, so the daemon never forks. At startup it 
 module as a fresh interpreter (no grpc imported, no threads ever started) and talks to it over
 a CLOEXEC SOCK_SEQPACKET socket. For each RUN frame the launcher, in its event loop:
 
-  1. resolves what the run needs: the compiled seccomp filter (once per profile, cached: the
-     child only installs bytes), Landlock rules (cached per layout), the AppArmor transition;
-  2. takes a spare supervisor (sandbox.supervisor_main: its own host uid, user and pid
-     namespaces, init mapped and placed in an empty cgroup by the host worker, namespaces and
-     the workload's fork ready), or makes one; writes the plan's limits into its cgroup (read
-     back) and sends the run's context;
+  1. resolves the plan's layout once per layout (_layout_for: the compiled seccomp filter, the
+     Landlock rules without argv[0], the AppArmor transition, the pickled LayoutContext) and
+     the run's GO frame for the exec stub (_encode_go);
+  2. takes a spare staged for that layout (sandbox.supervisor_main: its own host uid, user and
+     pid namespaces, init mapped and placed in a cgroup by the host worker, the root built, the
+     workload waiting in sbx-exec), else a generic spare that gets the layout now, else a new
+     one; retunes its cgroup (nothing to write when the limits are the layout's), reads the CPU
+     baseline, sends GO to the stub and START to the supervisor;
   3. the host worker (host_worker, a second process) does the slow privileged steps: cgroup
      create/place/remove, id maps, network attach/detach;
-  4. on REPORT (the supervisor's last word), reads CPU, peak memory and OOM kills from the
-     cgroup, kills whatever is left, removes the cgroup, frees the uid, decides the status and
-     sends RESULT (or ERROR) to the client.
+  4. the supervisor sends the result of a run that reached its program straight to the
+     client; on its REPORT the launcher answers whatever else (a launch error: ERROR), and on
+     its exit removes the cgroup and frees the uid.
+Between runs it keeps spares staged for the most recent layouts (_replenish).
 Every resource is registered for release in the run's ExitStack the moment it exists, so an
 error at any step, a dead supervisor or a launcher shutdown releases it on the same path.
 """

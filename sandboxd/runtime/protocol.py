@@ -13,11 +13,11 @@ Frames
   launcher -> supervisor -> init -> workload
                                        LAYOUT pickled LayoutContext: build the root, stage the workload
   workload -> supervisor (sync)        STAGED {attestation} (then it execs the stub), ERROR {...}
-  supervisor -> launcher               READY: staged, waiting for a run
-  launcher -> supervisor               START pickled RunStart, fds [run socket, stdin]
-  supervisor -> stub (sync)            the stub's GO frame (stubgo.encode; no kind byte), fds [stdin]
-  stub -> supervisor (sync)            EXEC + [seccomp listener fd], ERROR {...}
-  supervisor -> stub (sync)            ACK
+  supervisor -> launcher               READY + [the supervisor's end of the sync socket]
+  launcher -> stub (sync)              the stub's GO frame (stubgo.encode; no kind byte), fds [stdin]
+  launcher -> supervisor               START pickled RunStart, fds [run socket]
+  stub -> supervisor (sync)            EXEC "<ns>\0<status>\0<limits>" + [seccomp listener fd], ERROR {...}
+  supervisor -> client (run)           RESULT of a run that reached its program
   launcher <-> host worker             PREPARE / REMOVE / ATTACH / DETACH requests and answers (pickled)
 """
 
@@ -39,7 +39,6 @@ FORKED = b"F"
 GO = b"G"
 REPORT = b"P"
 EXEC = b"X"
-ACK = b"A"
 LAYOUT = b"U"
 STAGED = b"T"
 READY = b"Y"

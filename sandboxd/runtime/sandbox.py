@@ -3,23 +3,27 @@
 Theory of operation. The launcher is a single-threaded Python process, so fork() is safe and
 the child may run Python until execve. Per run:
 
-  launcher ──fork──> supervisor ──fork──> init (pid 1) ──fork──> workload ──execve──> program
+  launcher ──fork──> supervisor ──fork──> init (pid 1) ──fork──> workload ──exec──> sbx-exec ──exec──> program
 
 * supervisor (host side): takes the run's host uid/gid (no supplementary groups), unshares
-  USER|PID and forks init, usually ahead of time as a spare. The launcher's host worker writes
-  init's uid/gid map and puts init into its cgroup; PLACED then lets init go on with what does
-  not depend on the run, and CTX hands over the run. The supervisor stays outside the cgroup (its
-  work is not charged to the workload) and runs the run's event loop: output pipes -> client
-  with caps, seccomp user notifications (denials reported by name), wall/CPU deadlines,
-  cancellation, and the final report to the launcher. Killing init kills the whole pid
-  namespace, so "kill the run" is one signal.
-* init: pid 1 of the run. Phase A (spare): unshares mount, net, ipc, uts and cgroup namespaces
-  (cgroup after the placement, so the run sees its own cgroup as /) and forks the workload,
-  which waits. Phase B (the run): builds the root filesystem and pivots into it (the waiting
-  workload moves with it), hands the context on, forwards signals, reaps orphans, and reports the
-  workload's wait status. When it exits the kernel kills everything left in the namespace, so
-  no background child outlives the run.
-* workload: the containment sequence in `contain_and_exec`, one screen, in order.
+  USER|PID and forks init, ahead of time as a spare. The launcher's host worker writes init's
+  uid/gid map and puts init into its cgroup; PLACED lets init make its namespaces and fork the
+  workload; LAYOUT (a LayoutContext: the plan without argv, env, limits, stdin) has init build
+  the root and the workload stage itself in the exec stub; READY hands the launcher the stub's
+  socket. At the run the launcher sends the stub its GO frame and this process START. The
+  supervisor stays outside the cgroup (its work is not charged to the workload) and runs the
+  run's event loop: output pipes -> client with caps, seccomp user notifications (denials
+  reported by name), wall/CPU deadlines, cancellation; then the result to the client and the
+  report to the launcher. Killing init kills the whole pid namespace: "kill the run" is one
+  signal.
+* init: pid 1 of the run. Phase A: unshares mount, net, ipc, uts and cgroup namespaces (cgroup
+  after the placement, so the run sees its own cgroup as /) and forks the workload, which
+  waits. Phase B (the layout): builds the root filesystem and pivots into it (the waiting
+  workload moves with it), hands the layout on, then forwards signals, reaps orphans, and
+  reports the workload's wait status. When it exits the kernel kills everything left in the
+  namespace, so no background child outlives the run.
+* workload: the containment order in `contain_and_stage` (its docstring lists it whole, the
+  stub's part included), then sbx-exec (stub/sbx-exec.c) for the run's own steps.
 
 Every channel is a CLOEXEC pipe or socket; each process closes what it does not need at once.
 """
@@ -101,7 +105,7 @@ def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
       4 drop capabilities           10 AppArmor: profile at the next execve
       5 no_new_privs                11 Landlock: argv[0]'s file rule, restrict_self
       6 Landlock ruleset built      12 seccomp filter (last)
-        (not yet enforced)          13 EXEC + listener -> supervisor, wait for ACK; execve
+        (not yet enforced)          13 read back status/limits; EXEC + listener; execve
     The split is for speed: everything left of it is done while the spare waits; execve from
     the small static stub costs a fraction of execve from a fork of Python."""
     plan = ctx.plan
