@@ -82,6 +82,7 @@ class _Layout:
     landlock_info: dict
     apparmor_info: dict
     failed: bool = False                 # a spare of it failed to stage: make no more ahead of time
+    uses: int = 0                        # runs of it so far
 
 
 def layout_key(plan: Plan) -> Any:
@@ -254,10 +255,12 @@ class Launcher:
     DEFAULT_KEY = (1000, 1000, True)   # the default plan's inside ids, with its own netns
 
     def _wanted_layouts(self) -> list[_Layout | None]:
-        """What the idle spares should be built for: the latest layouts, newest first, one
-        spare each, the rest for the newest; and one generic spare."""
+        """What the idle spares should be built for: the latest layouts that recur, newest
+        first, one spare each, the rest for the newest; and one generic spare."""
+        # Only layouts that recur: a layout seen once (a per-request work directory or bind)
+        # would only cost a spare that no run takes.
         recent = [lay for lay in reversed(self._layouts.values())
-                  if lay.key is not None and not lay.failed][: self.config.prefork]
+                  if lay.key is not None and not lay.failed and lay.uses >= 2][: self.config.prefork]
         want: list[_Layout | None] = list(recent)
         while recent and len(want) < self.config.prefork:
             want.append(recent[0])
@@ -408,6 +411,7 @@ class Launcher:
                 "plan requires a per-run host uid but this launcher can only map its own uid",
                 step="userns", hint="run as root, or give the user a /etc/subuid range and install uidmap")
         layout = self._layout_for(plan)
+        layout.uses += 1
         go, landlock_info = self._encode_go(plan, layout)
         sup = self._take_spare(plan, layout)
         # How the run started: in a spare already staged for its layout (the fast path), or
@@ -754,6 +758,7 @@ class Launcher:
         run.completed = True
         if run.report and run.report.get("delivered"):
             # The supervisor sent the result itself; what is left is the cleanup when it exits.
+            run.layout.failed = False          # it staged and ran: worth staging ahead again
             run.run_sock.close()
             return
         try:
