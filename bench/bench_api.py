@@ -7,7 +7,8 @@ Starts `sandboxd serve` (a separate process, real runtime, unix socket, shipped 
 policy: every namespace, cgroup, seccomp, Landlock, caps dropped, new root) on a private socket
 and state directory, then measures:
   runtime      median of Runtime.run() of the very plan the daemon resolves (Explain), in this
-               process: the runtime's own launch time
+               process: the runtime's own launch time (calls are --pause apart, default 0.1 s, so
+               each finds a spare staged for its layout, as a service between bursts does)
   execute      median latency of Execute(/bin/true) over the unix socket, one client, sequential
   overhead     execute / runtime (the issue's goal: under 1.5)
   files        median latency of Execute(/bin/true) with a 4 KiB file in and the same file out
@@ -71,14 +72,17 @@ def _wait(sock: str, proc: subprocess.Popen, timeout: float = 30) -> None:
     raise SystemExit("bench_api: the daemon did not come up")
 
 
-def interleaved(fns: dict, n: int) -> dict[str, float]:
-    """Median ms of each function, sampled round-robin."""
+def interleaved(fns: dict, n: int, pause: float) -> dict[str, float]:
+    """Median ms of each function, sampled round-robin, `pause` seconds before each call so
+    both launchers have staged a spare for it (otherwise each call measures the previous
+    one's spare being made)."""
     for fn in fns.values():
         for _ in range(3):
             fn()   # warm: channel, launcher spares
     ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(n):
         for k, fn in fns.items():
+            time.sleep(pause)
             t = time.perf_counter()
             fn()
             ts[k].append(time.perf_counter() - t)
@@ -117,6 +121,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--clients", default="1,2,4,8", help="concurrency levels for runs/s")
     ap.add_argument("--seconds", type=float, default=5.0, help="duration of each runs/s level")
+    ap.add_argument("--pause", type=float, default=0.1, help="seconds before each sampled call")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     levels = [int(x) for x in a.clients.split(",") if x]
@@ -147,7 +152,7 @@ def main() -> int:
             # Interleaved, so a change in machine load affects all three alike.
             samples = interleaved({"runtime_ms": lambda: rt.run(plan),
                                    "execute_ms": lambda: c.execute(req),
-                                   "execute_files_ms": lambda: c.execute(freq)}, a.runs)
+                                   "execute_files_ms": lambda: c.execute(freq)}, a.runs, a.pause)
             res.update(samples)
         res["overhead_ratio"] = res["execute_ms"] / res["runtime_ms"]
         for n in levels:

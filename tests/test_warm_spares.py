@@ -112,6 +112,7 @@ def _start_stub(tmp_path):
                                 close_fds=False,
                                 preexec_fn=lambda: os.dup2(theirs.fileno(), 3))
     theirs.close()
+    assert ours.recv(16) == b"W"        # running, waiting for its GO frame
     return proc, ours, out
 
 
@@ -138,6 +139,7 @@ def test_stub_runs_a_go_frame(tmp_path):
     (b"\0" * 48, "bad magic"),
     (stubgo._HEADER.pack(stubgo.MAGIC, 0, 999, 0, 0, 1, 0, 0, 0), "bad sizes"),
     (stubgo._HEADER.pack(stubgo.MAGIC, 0, 0, 0, 0, 1, 0, 0, 0) + b"no-nul", "unterminated"),
+    (stubgo._HEADER.pack(stubgo.MAGIC, 1 << 9, 0, 0, 0, 1, 0, 0, 0) + b"x\0", "unknown flags"),
 ])
 def test_stub_refuses_a_malformed_go_frame(tmp_path, frame, what):
     proc, sock, out = _start_stub(tmp_path)
@@ -183,3 +185,29 @@ def test_go_frame_layout():
     assert (sflags, blen, argc, envc, access) == (8, 16, 2, len(p.env), 5)
     strings = f[stubgo._HEADER.size + nrl * stubgo._RLIMIT.size + 16:].split(b"\0")
     assert strings[:6] == [b"/p", b"/box/prog", b"", b"", b"/bin/echo", b"a"]
+
+
+def test_a_staged_spare_that_dies_idle_is_retired_not_given_a_run(runtime):
+    """Kill every staged stub of this launcher while it waits: the launcher hears of it and the
+    next runs get working spares, not a dead one."""
+    p = plan(["/bin/echo", "alive"])
+    _staged_run(runtime, p)
+    time.sleep(1.0)
+    start, count = runtime.host_info()["userns"]["range"]
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            uid = int(open(f"/proc/{pid}/status").read().split("\nUid:")[1].split()[1])
+        except (OSError, IndexError):
+            continue
+        if cmd.startswith(b"sbx-exec\0") and start <= uid < start + count:
+            os.kill(int(pid), 9)
+            killed += 1
+    assert killed >= 1
+    time.sleep(0.5)
+    for _ in range(4):
+        r = runtime.run(p)
+        assert r.status == Status.OK and r.stdout == b"alive\n", r

@@ -551,6 +551,13 @@ class RunCgroup:
     def memory_peak(self) -> int:
         raise NotImplementedError
 
+    def reset_peak(self) -> bool:
+        """Restart the memory high-water mark from now (a staged spare's own set-up must not
+        count as the run's peak). False where the kernel cannot: cgroup v2 before 6.12 has no
+        reset, and 6.12's is per open file, so the peak there includes the staging (a few MiB
+        of init's and the stub's pages), which the attestation says."""
+        return False
+
     def oom_kills(self) -> int:
         raise NotImplementedError
 
@@ -738,6 +745,11 @@ class _V1Run(RunCgroup):
     def memory_peak(self) -> int:
         # The memory counter's high-water mark: what the limit is compared against.
         return int(_read(self._fs, self._f("memory", "memory.max_usage_in_bytes")))
+
+    def reset_peak(self) -> bool:
+        # v1: writing 0 restarts the high-water mark from the current usage.
+        _write(self._fs, self._f("memory", "memory.max_usage_in_bytes"), "0", "cgroup_reset_peak")
+        return True
 
     def oom_kills(self) -> int:
         return _keyed(_read(self._fs, self._f("memory", "memory.oom_control")))["oom_kill"]

@@ -178,6 +178,7 @@ class Launcher:
         # Layouts seen, most recent last (bounded): spares are built ahead for the latest ones.
         self._layouts: collections.OrderedDict[Any, _Layout] = collections.OrderedDict()
         self._spawned = 0
+        self._spawn_backoff = 0.0              # no spare is made before this time (after a failure)
         self._worker_pending = 0
         self.worker, wsock = protocol.seqpacket_pair()
         self.worker_pid = os.fork()
@@ -246,7 +247,7 @@ class Launcher:
 
     def _next_timeout(self) -> float | None:
         if self._want_spare():
-            return 0.0
+            return max(0.0, self._spawn_backoff - time.monotonic())
         return 1.0 if self.sups else None
 
     def _idle_spares(self) -> list[_Sup]:
@@ -270,17 +271,28 @@ class Launcher:
 
     def _replenish(self) -> None:
         idle = self._idle_spares()
+        want = collections.Counter(id(lay) if lay else None for lay in self._wanted_layouts())
+        have = collections.Counter(id(s.layout) if s.layout else None for s in idle)
+        missing = [lay for lay in self._wanted_layouts() if lay is not None
+                   and have[id(lay)] < want[id(lay)]]
+        generic = [s for s in idle if s.layout is None]
+        if missing and len(generic) > want[None]:
+            # A generic spare more than wanted: stage it for a layout that lacks one.
+            sup = min(generic, key=lambda s: s.t_spawn)
+            sup.layout = missing[0]
+            self._advance(sup)
+            return
         if len(idle) >= self._spare_target():
-            # Enough spares, but some may be for layouts no longer wanted: retire the oldest
-            # such one (a later pass makes its replacement).
-            wanted = {id(lay) for lay in self._wanted_layouts() if lay}
-            stale = [s for s in idle if s.layout is not None and id(s.layout) not in wanted]
-            if stale:
-                self._retire(min(stale, key=lambda s: s.t_spawn))
+            # Enough spares, but some may be for layouts no longer wanted (or more of one
+            # layout than wanted): retire the oldest surplus one; a later pass makes what is
+            # missing instead.
+            surplus = [s for s in idle if s.layout is not None
+                       and have[id(s.layout)] > want.get(id(s.layout), 0)]
+            if surplus and have != want:
+                self._retire(min(surplus, key=lambda s: s.t_spawn))
             return
-        if not self._want_spare():
+        if not self._want_spare() or time.monotonic() < self._spawn_backoff:
             return
-        have = collections.Counter(id(s.layout) if s.layout else None for s in self._idle_spares())
         for lay in self._wanted_layouts():
             k = id(lay) if lay else None
             if have[k] > 0:
@@ -290,7 +302,10 @@ class Launcher:
                 ns_key = self._ns_key(lay.ctx.plan) if lay else self.DEFAULT_KEY
                 sup = self._spawn(ns_key)
                 sup.layout = lay
-            except SandboxError as e:
+            except (SandboxError, OSError) as e:
+                # Whatever keeps failing (no free uid, fork refused) is not retried at once:
+                # the loop would spin on it.
+                self._spawn_backoff = time.monotonic() + 1.0
                 print(f"sandboxd-launcher: cannot make a spare: {e}", file=sys.stderr)
             return
 
@@ -414,6 +429,15 @@ class Launcher:
         layout.uses += 1
         go, landlock_info = self._encode_go(plan, layout)
         sup = self._take_spare(plan, layout)
+        try:
+            self._bind_run(sup, plan, layout, go, landlock_info, run_sock, stdin_fd)
+        except BaseException:
+            if sup.run is None and not sup.layout_sent:
+                sup.layout = None          # stays generic: the failed run's layout is not its own
+            raise
+
+    def _bind_run(self, sup: _Sup, plan: Plan, layout: _Layout, go: bytes, landlock_info: dict,
+                  run_sock: socket.socket, stdin_fd: int) -> None:
         # How the run started: in a spare already staged for its layout (the fast path), or
         # one that still had to build its root for it.
         spare_info = {"staged": sup.ready, "layout_shared": layout.key is not None}
@@ -441,7 +465,10 @@ class Launcher:
             if hit is not None:
                 self._layouts.move_to_end(key)
                 return hit
-        ctx = sandbox.LayoutContext(plan=plan, keep_caps=caps.parse_caps(plan.caps_keep),
+        # The layout's plan without the run's own parts: every later spare of the layout (and
+        # the init of every later run) holds it, and another run's argv and env are not theirs.
+        lplan = dataclasses.replace(plan, argv=("-",), env=(), run_id="")
+        ctx = sandbox.LayoutContext(plan=lplan, keep_caps=caps.parse_caps(plan.caps_keep),
                                     root_mountpoint=self.config.root_mountpoint,
                                     stub_fd=self.stub_fd)
         lay = _Layout(key=key, ctx=ctx, ctx_bytes=b"",
@@ -503,12 +530,14 @@ class Launcher:
             run.cgroup_readback = self.cgroups.retune(sup.cgroup, run.plan.limits)
             # The CPU baseline, then GO: straight to the stub, which finishes the containment
             # and execs. The supervisor learns of the run in the same breath (START).
+            run.cgroup_readback = dict(run.cgroup_readback, peak_reset_at_start=sup.cgroup.reset_peak())
             cpu_base = sup.cgroup.cpu_usage_ns()
             t_go = time.monotonic_ns()
             try:
                 protocol.send_raw(sup.go_sock, run.go, fds=[run.stdin_fd])
-            except OSError:
-                pass                     # the stub died: the supervisor reports it
+            except OSError as e:
+                raise LaunchError("the staged spare is gone (its stub did not take the run)",
+                                  step="dispatch", errno=e.errno) from None
             sup.go_sock.close()
             sup.go_sock = None
             start = sandbox.RunStart(plan=run.plan, cgroup=sup.cgroup, cpu_base_ns=cpu_base,

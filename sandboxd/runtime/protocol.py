@@ -13,6 +13,7 @@ Frames
   launcher -> supervisor -> init -> workload
                                        LAYOUT pickled LayoutContext: build the root, stage the workload
   workload -> supervisor (sync)        STAGED {attestation} (then it execs the stub), ERROR {...}
+  stub -> supervisor (sync)            WAITING: the stub runs and waits for its GO frame
   supervisor -> launcher               READY + [the supervisor's end of the sync socket]
   launcher -> stub (sync)              the stub's GO frame (stubgo.encode; no kind byte), fds [stdin]
   launcher -> supervisor               START pickled RunStart, fds [run socket]
@@ -41,6 +42,7 @@ REPORT = b"P"
 EXEC = b"X"
 LAYOUT = b"U"
 STAGED = b"T"
+WAITING = b"W"
 READY = b"Y"
 START = b"S"
 PLACED = b"L"

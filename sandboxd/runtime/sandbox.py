@@ -348,6 +348,7 @@ class _Run:
         self.denial_count = 0
         self.t_end_ns: int | None = None
         self.staged = False                # the workload staged itself and exec'd the stub
+        self.stub_waiting = False          # the stub runs and waits for GO
         self.cgroup: Any = None            # the run's RunCgroup, from GO
 
 
@@ -404,16 +405,43 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     st = _Run()
     # Blocking is fine: init and the workload either stage or report an error, and a failed
     # init takes its pid namespace (and this socket's other ends) with it.
-    while not st.staged and st.launch_error is None:
+    while not (st.staged and st.stub_waiting) and st.launch_error is None:
         if not _on_sync(ctx, sync_p, st, lsock):
             break
-    if not st.staged:
+    if not (st.staged and st.stub_waiting):
         protocol.send(lsock, protocol.REPORT, {"launch_error": st.launch_error or LaunchError(
             "the spare ended while being staged", step="init").to_dict()})
         return 0
     # READY carries our end of the sync socket: the launcher sends the stub its GO frame
     # itself, so a run's start does not wait for this process to be scheduled.
     protocol.send(lsock, protocol.READY, fds=[sync_p.fileno()])
+    # Idle until the run. A staged spare can die meanwhile (the stub or init killed, say by
+    # its cgroup's limits): say so, so the launcher retires it instead of sending it a run.
+    idle = selectors.DefaultSelector()
+    idle.register(lsock, selectors.EVENT_READ, "launcher")
+    idle.register(pidfd, selectors.EVENT_READ, "init")
+    idle.register(sync_p, selectors.EVENT_READ, "sync")
+    while True:
+        tags = {key.data for key, _ in idle.select()}
+        if "launcher" in tags:
+            break
+        # The launcher sends GO to the stub before START to us, so the stub may speak first:
+        # a message means the run has begun (START is on its way); EOF with nothing before it,
+        # or init gone with nothing said, means the spare died idle.
+        try:
+            peek = sync_p.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            peek = None
+        except OSError:
+            peek = b""
+        if peek:
+            break
+        if peek is None and "init" not in tags:
+            continue
+        protocol.send(lsock, protocol.REPORT, {"launch_error": LaunchError(
+            "the staged spare ended while waiting for a run", step="spare").to_dict()})
+        return 0
+    idle.close()
     kind, payload, fds = protocol.recv(lsock)
     if kind != protocol.START or len(fds) != 1:
         return 0
@@ -618,6 +646,9 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     if sync_p.fileno() in {k.fd for k in sel.get_map().values()}:
         while _on_sync(ctx, sync_p, st, lsock, drain=True):
             pass
+        fd = st.attestation.pop("_listener", -1)
+        if fd >= 0:
+            os.close(fd)               # the run is over: nothing more to answer
     # status pipe may still hold the report if init exited right after writing it
     if st.workload is None:
         try:
@@ -691,6 +722,9 @@ def _on_sync(ctx: LayoutContext, sync_p: socket.socket, st: _Run, lsock: socket.
         st.attestation.update(json.loads(payload))
         st.staged = True
         return True
+    if kind == protocol.WAITING:
+        st.stub_waiting = True
+        return True
     if kind != protocol.EXEC:
         for fd in fds:
             os.close(fd)
@@ -703,9 +737,10 @@ def _on_sync(ctx: LayoutContext, sync_p: socket.socket, st: _Run, lsock: socket.
         st.t_exec_ns = time.monotonic_ns()
     att: dict[str, Any] = {"status": parts[1].decode(errors="replace") if len(parts) > 1 else "",
                            "limits": parts[2].decode(errors="replace") if len(parts) > 2 else ""}
-    if wpid:
+    if wpid and st.workload is None:
         # And from outside, when the program is still there to be read (best effort: the
-        # stub may have exec'd and the program ended already).
+        # stub may have exec'd and the program ended already; once init reported it, the pid
+        # may be another process's).
         att["status_outside"] = _read(f"/proc/{wpid}/status")
         att["_wpid"] = wpid
     st.attestation.update(att)

@@ -201,6 +201,9 @@ int main(int argc, char **argv)
 	/* Opened now, read after seccomp: a seq_file is generated at its first read. */
 	int status_fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
 	int limits_fd = open("/proc/self/limits", O_RDONLY | O_CLOEXEC);
+	/* Running and waiting: only now is the spare ready for a run. */
+	if (send(SYNC_FD, "W", 1, MSG_NOSIGNAL) != 1)
+		_exit(125);
 
 	/* 1. the run */
 	int stdin_fd;
@@ -211,6 +214,8 @@ int main(int argc, char **argv)
 	memcpy(&h, msg, sizeof h);
 	if (h.magic != GO_MAGIC)
 		fail("stub", "GO frame: bad magic", NULL, EINVAL);
+	if (h.flags & ~(F_SECCOMP | F_LANDLOCK | F_LANDLOCK_EXEC_RULE | F_APPARMOR))
+		fail("stub", "GO frame: unknown flags", NULL, EINVAL); /* a newer launcher: refuse */
 	size_t pos = sizeof h;
 	if (h.n_rlimits > 64 || h.bpf_len % 8 || h.bpf_len > BPF_MAXINSNS * 8 || h.argc == 0 ||
 	    h.argc > MAX_ARGS || h.envc > MAX_ARGS ||
@@ -283,6 +288,10 @@ int main(int argc, char **argv)
 		close(ruleset_fd);
 	}
 
+	/* The exec time, taken before the filter (vDSO on most clocksources, a syscall on some). */
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+
 	/* 7. seccomp, last */
 	int listener = -1;
 	if (h.flags & F_SECCOMP) {
@@ -295,8 +304,6 @@ int main(int argc, char **argv)
 	}
 
 	/* 8. read-back: "<monotonic ns>\0<status>\0<limits>" */
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: no syscall */
 	size_t off = (size_t)snprintf(readback, 32, "%lld", (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec) + 1;
 	int rfds[2] = {status_fd, limits_fd};
 	for (int i = 0; i < 2; i++) {
