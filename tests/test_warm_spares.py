@@ -35,9 +35,13 @@ def _staged_run(runtime, p, **kw):
     """Run `p` once to make its layout known, give the launcher time to stage spares for it,
     then run it again."""
     runtime.run(p, **kw)
-    deadline = time.monotonic() + 20              # the VM tier's emulated CPU is slow
+    deadline = time.monotonic() + 30
+    pause = 0.3
     while True:
-        time.sleep(0.3)
+        # A run taking a spare still being staged waits for it (and is not "staged"): pause
+        # longer each time, since the VM tier's emulated CPU stages a spare in seconds.
+        time.sleep(pause)
+        pause *= 2
         r = runtime.run(p, **kw)
         if r.attestation["spare"].get("staged") or time.monotonic() > deadline:
             return r
