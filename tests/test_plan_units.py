@@ -11,7 +11,8 @@ from sandboxd.cli import parse_duration_ms, parse_size
 from sandboxd.errors import LaunchError, PlanError, SandboxError
 from sandboxd.plan import Limits, Plan, Result, Status
 from sandboxd.runtime import caps
-from sandboxd.runtime.launcher import IdPool, decide_status, parse_proc_limits
+from sandboxd.runtime.launcher import IdPool
+from sandboxd.runtime.result import decide_status, parse_proc_limits
 
 
 def test_plan_json_round_trip_is_exact():

@@ -40,9 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandboxd.errors import HostCapabilityError, LaunchError, PlanError, SandboxError
-from sandboxd.plan import Bind, DeniedSyscall, Limits, Plan, Result, Status
+from sandboxd.plan import Bind, Limits, Plan, Result, Status
 from sandboxd.runtime import caps, hostinfo, linux, protocol, result, sandbox, stubgo
-from sandboxd.runtime.result import decide_status, parse_proc_limits  # noqa: F401 (their old home)
 from sandboxd.runtime.config import RuntimeConfig
 
 

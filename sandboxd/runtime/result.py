@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Any
 
 from sandboxd.plan import DeniedSyscall, Plan, Result, Status
 from sandboxd.runtime import caps
@@ -23,7 +22,6 @@ def build(plan: Plan, rep: dict, numbers: dict, base: dict) -> Result:
     kernel said of the workload); numbers: read from the cgroup once nothing of the run can run
     any more ({"cpu_ns", "peak", "ooms"}); base: the launcher's part of the attestation
     (ids, host namespaces, what each control resolved to, cgroup read-back)."""
-    lim = plan.limits
     w = rep.get("workload") or {}
     cpu_ms = max(0, numbers["cpu_ns"] - (rep.get("cpu_base_ns") or 0)) / 1e6
     t_exit = w.get("t_exit_ns")

@@ -39,7 +39,7 @@ import signal
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sandboxd.errors import LaunchError, SandboxError
