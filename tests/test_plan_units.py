@@ -100,3 +100,27 @@ def test_bind_spec_validation(tmp_path):
         planner.parse_bind(f"{tmp_path}:/box/../etc", writable=False)
     with pytest.raises(PlanError):
         planner.parse_bind("/does/not/exist:/x", writable=False)
+
+
+def test_result_build_with_an_attestation_parsed_early_equals_parsing_at_the_end():
+    """The supervisor parses the stub's read-back while the program runs; what can change later
+    (a denial flood, AppArmor's read-back after execve) is patched in at the end."""
+    from sandboxd import planner
+    from sandboxd.runtime import result
+    p = planner.build_plan(["/bin/true"])
+    status = "Uid:\t1000\t1000\t1000\t1000\nCapEff:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\n"
+    early = {"status": status, "limits": "Limit  Soft Limit  Hard Limit  Units\nMax core file size  0  0  bytes\n",
+             "ns": {"pid": "pid:[1]"}, "landlock": {"path_rules": 3}}
+    base = {"host_ns": {"pid": "pid:[9]"}, "seccomp": {"profile": "default"}, "apparmor": {"profile": "x"},
+            "cgroup": {"pids_max": 64}}
+    pre = result.attest(p, {"attestation": dict(early)}, base)
+    late = dict(early, denial_flood=20001, apparmor={"verified": True, "label": "x (enforce)"})
+    rep = {"workload": {"wait_status": 0, "t_exit_ns": 2_000_000}, "t_exec_ns": 1_000_000,
+           "cpu_base_ns": 0, "truncated": {"stdout": False, "stderr": False}, "denials": {},
+           "attestation": late}
+    numbers = {"cpu_ns": 500_000, "peak": 1 << 20, "ooms": 0}
+    a = result.build(p, rep, numbers, base, attestation=pre)
+    b = result.build(p, rep, numbers, base)
+    assert a.to_dict() == b.to_dict()
+    assert a.attestation["seccomp"]["denial_flood"] == 20001 and a.attestation["apparmor"]["verified"]
+    assert a.attestation["rlimits"]["core"] == [0, 0] and a.wall_time_ms == 1.0

@@ -15,13 +15,15 @@ from sandboxd.plan import DeniedSyscall, Plan, Result, Status
 from sandboxd.runtime import caps
 
 
-def build(plan: Plan, rep: dict, numbers: dict, base: dict) -> Result:
+def build(plan: Plan, rep: dict, numbers: dict, base: dict, attestation: dict | None = None) -> Result:
     """The Result of a run that reached execve.
 
     rep: the supervisor's report (workload wait status, kill reason, times, denials, what the
     kernel said of the workload); numbers: read from the cgroup once nothing of the run can run
     any more ({"cpu_ns", "peak", "ooms"}); base: the launcher's part of the attestation
-    (ids, host namespaces, what each control resolved to, cgroup read-back)."""
+    (ids, host namespaces, what each control resolved to, cgroup read-back); attestation:
+    attest() made earlier from the same report (the supervisor parses it while the program
+    runs), completed here with what can change until the end."""
     w = rep.get("workload") or {}
     cpu_ms = max(0, numbers["cpu_ns"] - (rep.get("cpu_base_ns") or 0)) / 1e6
     t_exit = w.get("t_exit_ns")
@@ -44,7 +46,13 @@ def build(plan: Plan, rep: dict, numbers: dict, base: dict) -> Result:
     res.denied_syscalls = [DeniedSyscall(name=n, count=c, action=a)
                            for n, (c, a) in sorted(rep.get("denials", {}).items())]
     res.status = decide_status(plan, res, reason, rep.get("cancelled", False))
-    res.attestation = attest(plan, rep, base)
+    if attestation is None:
+        res.attestation = attest(plan, rep, base)
+    else:
+        att = rep.get("attestation") or {}
+        res.attestation = attestation
+        attestation["seccomp"]["denial_flood"] = att.get("denial_flood")
+        attestation["apparmor"].update(att.get("apparmor") or {})
     return res
 
 

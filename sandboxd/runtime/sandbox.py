@@ -465,6 +465,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     open_pipes = set(streams)
     cpu_limit_ns = None if lim.cpu_time_ms is None else (lim.cpu_time_ms + lim.cpu_extra_ms) * 1_000_000
     init_done = False
+    pre_att: dict | None = None    # the attestation, parsed once the stub's read-back is in
     finished = False           # the workload ended and nothing else of the run is left
     # Deadlines run from GO (the stub's last steps are microseconds of the run's time).
     go_s = start.t_go_ns / 1e9
@@ -580,6 +581,10 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
                 if st.attestation.get("_listener", -1) >= 0:
                     listener = st.attestation.pop("_listener")
                     sel.register(listener, selectors.EVENT_READ, "notify")
+                if st.t_exec_ns is not None and pre_att is None:
+                    # The read-back is complete now: parse it while the program runs, not
+                    # after it ended (what changes later is patched in by result.build).
+                    pre_att = result.attest(plan, {"attestation": st.attestation}, start.base)
                 if not more:
                     # EOF: the workload exec'd (the socket is CLOEXEC) or died. An execve that
                     # fails after EXEC still reports on this socket first.
@@ -677,7 +682,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         try:
             numbers = {"cpu_ns": st.cgroup.cpu_usage_ns(), "peak": st.cgroup.memory_peak(),
                        "ooms": st.cgroup.oom_kills()}
-            res = result.build(plan, report, numbers, start.base)
+            res = result.build(plan, report, numbers, start.base, attestation=pre_att)
             frame = protocol.RESULT + json.dumps(res.to_dict(include_output=False), separators=(",", ":")).encode()
             run_sock.settimeout(30.0)
             run_sock.sendmsg([frame])
