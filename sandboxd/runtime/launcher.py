@@ -14,7 +14,8 @@ a CLOEXEC SOCK_SEQPACKET socket. For each RUN frame the launcher, in its event l
      one; retunes its cgroup (nothing to write when the limits are the layout's), reads the CPU
      baseline, sends GO to the stub and START to the supervisor;
   3. the host worker (host_worker, a second process) does the slow privileged steps: cgroup
-     create/place/remove, id maps, network attach/detach;
+     create/place/remove, id maps, network attach/detach; the zygote (zygote_main, a third)
+     forks the supervisors, so this process's heap is never shared copy-on-write;
   4. the supervisor sends the result of a run that reached its program straight to the
      client; on its REPORT the launcher answers whatever else (a launch error: ERROR), and on
      its exit removes the cgroup and frees the uid.
@@ -188,6 +189,18 @@ class Launcher:
             finally:
                 os._exit(1)
         wsock.close()
+        # The zygote forks the supervisors. Forking from this process would make every page
+        # of its heap copy-on-write while spares live, and each run's work here would then
+        # pay a page copy per page it touches (hundreds of faults per run on the hot path).
+        self.zygote, zsock = protocol.seqpacket_pair()
+        self.zygote_pid = os.fork()
+        if self.zygote_pid == 0:
+            try:
+                linux.close_fds_except((zsock.fileno(), self.stub_fd))
+                zygote_main(zsock, self.stub_fd)
+            finally:
+                os._exit(1)
+        zsock.close()
 
     # -- main loop -----------------------------------------------------------------------------
     def serve(self) -> None:
@@ -362,17 +375,19 @@ class Launcher:
             # Last out: the host id is free again only once the cgroup is gone (nothing of the
             # run can still be running under it).
             stack.callback(lambda: self._release_host(holder[0] if holder else None, uid))
-            lsock_l, lsock_p = protocol.seqpacket_pair()
+            # The zygote forks it and hands back its socket and a pidfd (opened before the
+            # zygote could reap it: the pid cannot have been reused).
+            protocol.send(self.zygote, protocol.SPAWN, {"uid": uid, "gid": gid})
+            kind, payload, fds = protocol.recv(self.zygote)
+            if kind != protocol.SPAWNED or len(fds) != 2:
+                for fd in fds:
+                    os.close(fd)
+                err = protocol.loads(payload) if kind == protocol.ERROR else None
+                raise SandboxError.from_dict(err) if err else LaunchError("the zygote is gone", step="spare")
+            lsock_l = socket.socket(fileno=fds[0])
+            pidfd = fds[1]
+            pid = protocol.loads(payload)["pid"]
             stack.callback(lsock_l.close)
-            pid = os.fork()
-            if pid == 0:  # ---- supervisor
-                try:
-                    linux.close_fds_except((lsock_p.fileno(), self.stub_fd))
-                    sandbox.supervisor_main(lsock_p, uid, gid)
-                finally:
-                    os._exit(123)
-            lsock_p.close()
-            pidfd = linux.pidfd_open(pid)
             stack.callback(_reap, pid, pidfd)
         except BaseException:
             stack.close()
@@ -861,11 +876,9 @@ class Launcher:
         """Kill every run and spare, answer every waiting client, release everything."""
         for sup in list(self.sups.values()):
             linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
+        import select
         for sup in list(self.sups.values()):
-            try:
-                os.waitpid(sup.pid, 0)
-            except ChildProcessError:
-                pass
+            select.select([sup.pidfd], [], [], 5.0)      # gone (the zygote's child: no waitpid here)
             if sup.run is not None and sup.run.report is None:
                 sup.run.report = {"launch_error": LaunchError("launcher shutting down", step="shutdown").to_dict()}
             self._on_exit(sup)
@@ -876,10 +889,12 @@ class Launcher:
             except SandboxError:
                 break
         self.worker.close()
-        try:
-            os.waitpid(self.worker_pid, 0)
-        except ChildProcessError:
-            pass
+        self.zygote.close()
+        for pid in (self.worker_pid, self.zygote_pid):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
         try:
             self.cgroups.close()           # the instance cgroups, now empty
         except SandboxError as e:
@@ -1067,12 +1082,55 @@ def _close_quiet(fd: int) -> None:
 
 
 def _reap(pid: int, pidfd: int) -> None:
+    """Kill a supervisor and wait until it is gone (the zygote's child: the kernel reaps it;
+    its pidfd turns readable when it has exited)."""
+    import select
     linux.pidfd_send_signal(pidfd, signal.SIGKILL)
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
+    select.select([pidfd], [], [], 5.0)
     os.close(pidfd)
+
+
+def zygote_main(sock: socket.socket, stub_fd: int) -> None:
+    """Forks supervisors on the launcher's request (SPAWN {"uid","gid"} -> SPAWNED {"pid"} +
+    fds [the launcher's end of its socket, its pidfd]). A copy of the launcher made at start that
+    does nothing else, so the pages the supervisors share copy-on-write are its, not those of
+    the process doing each run's work."""
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="zygote")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # the kernel reaps; the launcher has pidfds
+    while True:
+        try:
+            kind, payload, _ = protocol.recv(sock)
+        except OSError:
+            kind = b""
+        if kind != protocol.SPAWN:
+            os._exit(0)
+        req = protocol.loads(payload)
+        lsock_l, lsock_p = protocol.seqpacket_pair()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            lsock_l.close()
+            lsock_p.close()
+            _send_quiet(sock, protocol.ERROR, LaunchError("fork a supervisor", step="spare",
+                                                          errno=e.errno).to_dict())
+            continue
+        if pid == 0:  # ---- supervisor
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # it waits for its init
+                linux.close_fds_except((lsock_p.fileno(), stub_fd))
+                sandbox.supervisor_main(lsock_p, req["uid"], req["gid"])
+            finally:
+                os._exit(123)
+        lsock_p.close()
+        try:
+            pidfd = linux.pidfd_open(pid)
+        except SandboxError as e:
+            lsock_l.close()
+            _send_quiet(sock, protocol.ERROR, e.to_dict())
+            continue
+        protocol.send(sock, protocol.SPAWNED, {"pid": pid}, fds=[lsock_l.fileno(), pidfd])
+        lsock_l.close()
+        os.close(pidfd)
 
 
 def _close_stack(stack: contextlib.ExitStack) -> list[str]:

@@ -20,6 +20,7 @@ Frames
   stub -> supervisor (sync)            EXEC "<ns>\0<status>\0<limits>" + [seccomp listener fd], ERROR {...}
   supervisor -> client (run)           RESULT of a run that reached its program
   launcher <-> host worker             PREPARE / REMOVE / ATTACH / DETACH requests and answers (pickled)
+  launcher <-> zygote                  SPAWN {"uid","gid"} -> SPAWNED {"pid"} + [supervisor socket, pidfd]
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ EXEC = b"X"
 LAYOUT = b"U"
 STAGED = b"T"
 WAITING = b"W"
+SPAWN = b"B"
+SPAWNED = b"H"
 READY = b"Y"
 START = b"S"
 PLACED = b"L"
