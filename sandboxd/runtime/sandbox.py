@@ -193,7 +193,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
               sync_c: socket.socket) -> None:
     """pid 1 of the run. Phase A runs ahead of time (a spare): everything that does not depend
-    on the plan. Phase B runs when the run's context arrives."""
+    on the plan. Phase B runs when the layout arrives (still ahead of the run)."""
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="init")
     # -- phase A: the launcher has written our uid/gid map and put us in our cgroup. EOF at any
     # wait below means this spare was retired.
@@ -228,7 +228,7 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
         _report_error(sync_c, LaunchError(str(e), step="init", errno=e.errno))
         os._exit(125)
     # The workload process is forked now, sharing every namespace; pivot_root below moves its
-    # root and cwd with ours. It waits for the context.
+    # root and cwd with ours. It waits for the layout.
     wpid = os.fork()
     if wpid == 0:
         isock.close()
