@@ -498,11 +498,11 @@ class Launcher:
 
     def _encode_go(self, plan: Plan, layout: _Layout) -> tuple[bytes, dict]:
         """The run's part: the stub's GO frame, and the Landlock attestation with argv[0]'s rule."""
+        from sandboxd.runtime import landlock
         ctx = layout.ctx
         rules = ctx.landlock_rules
         rule = None
         if rules is not None:
-            from sandboxd.runtime import landlock
             rule = landlock.exec_rule(rules, plan.argv[0], plan.filesystem.symlinks)
         comp = ctx.seccomp_compiled
         go = stubgo.encode(plan, bpf=comp.bpf if comp is not None else None,
@@ -511,7 +511,6 @@ class Launcher:
                            apparmor=ctx.apparmor_transition)
         info = layout.landlock_info
         if rule is not None:
-            from sandboxd.runtime import landlock
             info = dict(info, exec_rule={"path": rule[0], "access": landlock.fs_names(rule[1])})
         return go, info
 

@@ -221,12 +221,8 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
         if setup["net"]:
             linux.loopback_up()
         os.chdir("/")                              # so pivot_root moves our cwd (and the workload's) too
-    except SandboxError as e:
-        _report_error(sync_c, e)
-        os._exit(125)
-    except OSError as e:
-        _report_error(sync_c, LaunchError(str(e), step="init", errno=e.errno))
-        os._exit(125)
+    except (SandboxError, OSError) as e:
+        _init_failed(sync_c, e)
     # The workload process is forked now, sharing every namespace; pivot_root below moves its
     # root and cwd with ours. It waits for the layout.
     wpid = os.fork()
@@ -251,12 +247,8 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
         linux.sethostname(plan.hostname)
         mounts.build_root(plan.filesystem, ctx.root_mountpoint)
         linux.prctl(linux.PR_SET_DUMPABLE, 0, step="init")  # the workload cannot ptrace or read /proc/1
-    except SandboxError as e:
-        _report_error(sync_c, e)
-        os._exit(125)
-    except OSError as e:
-        _report_error(sync_c, LaunchError(str(e), step="init", errno=e.errno))
-        os._exit(125)
+    except (SandboxError, OSError) as e:
+        _init_failed(sync_c, e)
     protocol.send(wsock_i, protocol.LAYOUT, payload)
     wsock_i.close()
     sync_c.close()
@@ -283,6 +275,14 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
                    "maxrss_kb": ru.ru_maxrss, "t_exit_ns": t_exit}
             os.write(status_w, json.dumps(rep).encode())
             os._exit(0)
+
+
+def _init_failed(sync_c: socket.socket, e: Exception) -> None:
+    """init could not set the sandbox up: report the step, the object and the errno; exit."""
+    err = e if isinstance(e, SandboxError) else LaunchError(str(e), step="init",
+                                                             errno=getattr(e, "errno", None))
+    _report_error(sync_c, err)
+    os._exit(125)
 
 
 def workload_main(wsock: socket.socket, out_w: int, err_w: int, sync_c: socket.socket) -> None:

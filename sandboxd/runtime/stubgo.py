@@ -111,4 +111,5 @@ def encode(plan: Plan, *, bpf: bytes | None, seccomp_flags: int, landlock: bool,
 
 
 def _u64(v: int) -> int:
+    """Python's RLIM_INFINITY is -1; the kernel's is all ones."""
     return resource.RLIM_INFINITY & 0xFFFFFFFFFFFFFFFF if v < 0 else v
