@@ -122,3 +122,30 @@ def test_member_of_another_segment_is_cut_off(seg_runtime):
     seg_runtime.run(_plan(CLIENT, "gamma", segment="lab", host="epsilon"))
     t.join()
     assert out["server"].status == Status.OK
+
+
+def test_concurrent_members_each_get_their_own_namespace_attached(seg_runtime):
+    """Runs that take freshly spawned spares: the segment is attached to each run's own network
+    namespace, never to the host's (init makes it after the launcher places it; attaching
+    before that once refused the run: "not the run's own")."""
+    code = "import socket; print(sorted(n for _, n in socket.if_nameindex()))"
+    results = {}
+
+    def one(i):
+        try:
+            results[i] = seg_runtime.run(_plan(code, segment="lab", host=f"m{i}"))
+        except Exception as e:       # a sandbox failure is what this test looks for
+            results[i] = e
+
+    for _round in range(3):
+        results.clear()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, r in sorted(results.items()):
+            assert not isinstance(r, Exception), (i, r)
+            assert r.status == Status.OK, (i, r.status, r.stderr)
+            assert r.stdout.strip() == b"['eth0', 'lo']", (i, r.stdout)
+            assert r.attestation["network"]["address"].startswith("10.251.7.")

@@ -66,6 +66,7 @@ class _Sup:
     maps: tuple[str, str] = ("", "")     # the uid_map and gid_map lines written
     init_pid: int | None = None          # set by FORKED
     placed: bool = False                 # init mapped and in its cgroup: ready for a run
+    namespaced: bool = False             # NAMESPACED: init has its own namespaces (phase A done)
     run: "_RunState | None" = None
     exited: bool = False
     t_spawn: float = field(default_factory=time.monotonic)
@@ -112,6 +113,7 @@ class _RunState:
     landlock_info: dict | None = None
     cgroup_readback: dict = field(default_factory=dict)
     network: dict | None = None          # segment attach attestation, when the plan has one
+    attaching: bool = False              # ATTACH sent to the host worker
     spare: dict = field(default_factory=dict)   # how the run started (see _start)
     apparmor_info: dict = field(default_factory=dict)
 
@@ -521,9 +523,12 @@ class Launcher:
             return                   # the host worker's PREPARE answer brings us back here
         run = sup.run
         if run is not None and run.plan.network.mode == "segment" and run.network is None:
-            # The run's network namespace exists (init made it as a spare): the worker plugs
-            # it into the segment; the layout follows when it answers (the segment's hosts
-            # file is part of it).
+            # Once init has made the run's network namespace (NAMESPACED: before that,
+            # /proc/<init>/ns/net is the host's), the worker plugs it into the segment; the
+            # layout follows when it answers (the segment's hosts file is part of it).
+            if not sup.namespaced or run.attaching:
+                return
+            run.attaching = True
             self._worker_send(protocol.ATTACH, {"sup": sup.pid, "run_id": run.run_id,
                                                 "netns": f"/proc/{sup.init_pid}/ns/net",
                                                 "plan": run.plan.network, "name": run.plan.hostname})
@@ -656,6 +661,9 @@ class Launcher:
             self._worker_send(protocol.PREPARE, {"sup": sup.pid, "init_pid": sup.init_pid,
                                                  "name": f"{os.getpid()}-{self._spawned}-{sup.pid}",
                                                  "uid_map": uid_map, "gid_map": gid_map})
+        elif kind == protocol.NAMESPACED:
+            sup.namespaced = True
+            self._advance(sup)
         elif kind == protocol.READY:
             sup.ready = True
             if fds:
@@ -673,7 +681,7 @@ class Launcher:
                 err = (protocol.loads(payload) or {}).get("launch_error") or {}
                 print(f"sandboxd-launcher: spare failed to stage: {err.get('message')} "
                       f"(step {err.get('step')}, errno {err.get('errno')})", file=sys.stderr)
-                if sup.layout is not None:
+                if sup.layout is not None and sup.namespaced:   # not phase A's failure
                     sup.layout.failed = True
                 self._retire(sup)
         elif kind == b"":

@@ -10,6 +10,7 @@ Frames
   client -> supervisor (run socket)    CANCEL
   supervisor -> launcher               FORKED {"init_pid"}, REPORT {...} at the end
   launcher -> supervisor -> init       PLACED {"uid","gid","net"}: mapped and in the cgroup
+  init -> supervisor -> launcher       NAMESPACED: init has its own namespaces (a segment may attach)
   launcher -> supervisor -> init -> workload
                                        LAYOUT pickled LayoutContext: build the root, stage the workload
   workload -> supervisor (sync)        STAGED {attestation} (then it execs the stub), ERROR {...}
@@ -53,6 +54,7 @@ PREPARE = b"Q"
 REMOVE = b"D"
 ATTACH = b"N"
 DETACH = b"O"
+NAMESPACED = b"M"
 
 MAX_FRAME = 1 << 17
 

@@ -221,6 +221,9 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
         if setup["net"]:
             linux.loopback_up()
         os.chdir("/")                              # so pivot_root moves our cwd (and the workload's) too
+        # Until now /proc/<init>/ns/net was the host's: the launcher plugs a segment into it
+        # only after this.
+        protocol.send(isock, protocol.NAMESPACED)
     except (SandboxError, OSError) as e:
         _init_failed(sync_c, e)
     # The workload process is forked now, sharing every namespace; pivot_root below moves its
@@ -392,6 +395,19 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     if kind != protocol.PLACED:
         return 0
     protocol.send(isock_p, protocol.PLACED, payload)
+    try:
+        kind, _, _ = protocol.recv(isock_p)
+    except OSError:
+        kind = b""
+    if kind != protocol.NAMESPACED:
+        # init failed in phase A (its report is on the sync socket) or was killed.
+        st = _Run()
+        while st.launch_error is None and _on_sync(None, sync_p, st, lsock):
+            pass
+        protocol.send(lsock, protocol.REPORT, {"launch_error": st.launch_error or LaunchError(
+            "init ended before making its namespaces", step="init").to_dict()})
+        return 0
+    protocol.send(lsock, protocol.NAMESPACED)
 
     # The layout: init builds the root, the workload stages itself and execs the stub. Then
     # this spare is ready; wait for a run (a spare may wait long). EOF: retired, and init dies
@@ -695,7 +711,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     return 0
 
 
-def _on_sync(ctx: LayoutContext, sync_p: socket.socket, st: _Run, lsock: socket.socket,
+def _on_sync(ctx: "LayoutContext | None", sync_p: socket.socket, st: _Run, lsock: socket.socket,
              drain: bool = False) -> bool:
     """One message from init, the staging workload or the stub; False at EOF (drain: also
     when nothing is queued)."""
