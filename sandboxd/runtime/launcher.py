@@ -546,22 +546,23 @@ class Launcher:
             run.started = True
             run.cgroup = sup.cgroup
             run.cgroup_readback = self.cgroups.retune(sup.cgroup, run.plan.limits)
-            # The CPU baseline, then GO: straight to the stub, which finishes the containment
-            # and execs. The supervisor learns of the run in the same breath (START).
             run.cgroup_readback = dict(run.cgroup_readback, peak_reset_at_start=sup.cgroup.reset_peak())
-            cpu_base = sup.cgroup.cpu_usage_ns()
-            t_go = time.monotonic_ns()
+            # GO, then START: straight to the stub, which finishes the containment and execs
+            # (no hop through the supervisor); the supervisor learns of the run in the same
+            # breath. The CPU baseline is read before GO, so the stub's microseconds count as
+            # the run's. START is ready before GO: the woken stub may take this CPU at once.
+            start = sandbox.RunStart(limits=run.plan.limits, output_limit_action=run.plan.output_limit_action,
+                                     cgroup=sup.cgroup, cpu_base_ns=sup.cgroup.cpu_usage_ns(),
+                                     t_go_ns=time.monotonic_ns(), base=self._attest_base(sup))
+            start_bytes = pickle.dumps(start, protocol=pickle.HIGHEST_PROTOCOL)
             try:
                 protocol.send_raw(sup.go_sock, run.go, fds=[run.stdin_fd])
             except OSError as e:
                 raise LaunchError("the staged spare is gone (its stub did not take the run)",
                                   step="dispatch", errno=e.errno) from None
+            protocol.send(sup.lsock, protocol.START, start_bytes, fds=[run.run_sock.fileno()])
             sup.go_sock.close()
             sup.go_sock = None
-            start = sandbox.RunStart(plan=run.plan, cgroup=sup.cgroup, cpu_base_ns=cpu_base,
-                                     t_go_ns=t_go, base=self._attest_base(sup))
-            protocol.send(sup.lsock, protocol.START, pickle.dumps(start, protocol=pickle.HIGHEST_PROTOCOL),
-                          fds=[run.run_sock.fileno()])
         except (SandboxError, OSError) as e:
             err = e if isinstance(e, SandboxError) else LaunchError(str(e), step="dispatch", errno=e.errno)
             if run is not None:
