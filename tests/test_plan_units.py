@@ -124,3 +124,33 @@ def test_result_build_with_an_attestation_parsed_early_equals_parsing_at_the_end
     assert a.to_dict() == b.to_dict()
     assert a.attestation["seccomp"]["denial_flood"] == 20001 and a.attestation["apparmor"]["verified"]
     assert a.attestation["rlimits"]["core"] == [0, 0] and a.wall_time_ms == 1.0
+
+
+def test_status_and_limits_parsers_match_a_plain_reading_of_this_process():
+    """The attestation's parsers (tuned: they run once per run on the way to the result) read
+    what a plain line-by-line reading of the same /proc files reads."""
+    import random
+    from sandboxd.runtime import caps
+    for mask in [0, 1, 1 << 40, (1 << 41) - 1, 1 << 63] + [random.getrandbits(64) for _ in range(50)]:
+        want = [caps.CAP_NAMES[i] if i < len(caps.CAP_NAMES) else f"CAP_{i}" for i in range(64) if mask >> i & 1]
+        assert caps.mask_names(mask) == want
+    status = open("/proc/self/status").read()
+    plain = {}
+    for line in status.splitlines():
+        k, _, v = line.partition(":")
+        if k.startswith("Cap"):
+            plain[k] = caps.mask_names(int(v, 16))
+        elif k in ("NoNewPrivs", "Seccomp", "Seccomp_filters"):
+            plain[k] = int(v)
+        elif k in ("Uid", "Gid", "Groups"):
+            plain[k] = [int(x) for x in v.split()]
+    assert caps.read_status_caps(status) == plain
+    assert caps.read_status_caps(status, only=("Seccomp",)) == {"Seccomp": plain["Seccomp"]}
+    limits = open("/proc/self/limits").read()
+    got = parse_proc_limits(limits)
+    assert set(got) == {"cpu", "fsize", "stack", "core", "nofile", "as", "nproc"}
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert got["nofile"] == [soft, hard]
+    soft, _ = resource.getrlimit(resource.RLIMIT_CORE)
+    assert got["core"][0] == (None if soft == resource.RLIM_INFINITY else soft)

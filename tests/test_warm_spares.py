@@ -138,6 +138,46 @@ def test_stub_runs_a_go_frame(tmp_path):
     assert sock.recv(16) == b""        # fd 3 was close-on-exec: EOF means "exec'd"
 
 
+def test_stub_waits_off_the_named_cpu_and_gives_the_program_its_full_set(tmp_path):
+    """sbx-exec <ruleset> <cpu>: while it waits for GO the CPU is left out of its affinity
+    (a wakeup then cannot land there); the program gets the set the stub started with."""
+    from sandboxd import planner
+    full = sorted(os.sched_getaffinity(0))
+    if len(full) < 2:
+        pytest.skip("needs two CPUs in this process's affinity (the stub then changes nothing)")
+    p = planner.build_plan(["/bin/sh", "-c", "grep Cpus_allowed_list /proc/self/status"],
+                           env={"PATH": "/usr/bin:/bin"})
+    ours, theirs = protocol.seqpacket_pair()
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([stubgo.STUB_PATH, "-", str(full[0])], stdout=f, stderr=subprocess.STDOUT,
+                                close_fds=False, preexec_fn=lambda: os.dup2(theirs.fileno(), 3))
+    theirs.close()
+    assert ours.recv(16) == b"W"
+    assert full[0] not in os.sched_getaffinity(proc.pid)            # waiting: off that CPU
+    assert set(os.sched_getaffinity(proc.pid)) == set(full[1:])
+    fd = os.open("/dev/null", os.O_RDONLY)
+    protocol.send_raw(ours, stubgo.encode(p, bpf=None, seccomp_flags=0, landlock=False, exec_rule=None),
+                      fds=[fd])
+    os.close(fd)
+    assert ours.recv(65536)[:1] == b"X"
+    assert proc.wait(10) == 0
+    listed = out.read_bytes().decode().split(":", 1)[1].strip()
+    want = os.popen("grep Cpus_allowed_list /proc/self/status").read().split(":", 1)[1].strip()
+    assert listed == want                                          # the program: the full set
+
+
+def test_runs_get_the_launchers_original_cpu_set(runtime):
+    """The launcher keeps to one CPU and staged stubs wait off it; neither may show in what a
+    program gets: its affinity is the set the launcher was started with."""
+    from sandboxd import planner
+    p = planner.build_plan(["/bin/sh", "-c", "grep Cpus_allowed_list /proc/self/status"])
+    r = _staged_run(runtime, p)
+    assert r.status == Status.OK and r.attestation["spare"]["staged"], r
+    want = os.popen("grep Cpus_allowed_list /proc/self/status").read().split(":", 1)[1].strip()
+    assert r.stdout.decode().split(":", 1)[1].strip() == want
+
+
 @pytest.mark.parametrize("frame, what", [
     (b"junk", "too short"),
     (b"\0" * 48, "bad magic"),

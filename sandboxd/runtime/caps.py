@@ -59,7 +59,13 @@ def parse_caps(names: tuple[str, ...] | list[str]) -> int:
 
 
 def mask_names(mask: int) -> list[str]:
-    return [CAP_NAMES[i] if i < len(CAP_NAMES) else f"CAP_{i}" for i in range(64) if mask >> i & 1]
+    out = []
+    while mask:                       # set bits only: a sandbox's sets are mostly empty
+        low = mask & -mask
+        i = low.bit_length() - 1
+        out.append(CAP_NAMES[i] if i < len(CAP_NAMES) else f"CAP_{i}")
+        mask ^= low
+    return out
 
 
 def drop_to(keep_mask: int, uid: int, gid: int) -> None:
@@ -84,18 +90,27 @@ def drop_to(keep_mask: int, uid: int, gid: int) -> None:
                         step="capabilities(ambient raise)")
 
 
-def read_status_caps(status_text: str) -> dict[str, object]:
-    """Parse the capability/identity lines of /proc/<pid>/status for the attestation."""
+def _ints(val: str) -> list[int]:
+    return [int(x) for x in val.split()]
+
+
+# The lines of /proc/<pid>/status the attestation reads, and how. The parse runs on the
+# supervisor's path to the result, once per run.
+_STATUS_FIELDS = {
+    **{k: lambda v: mask_names(int(v, 16)) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+    **{k: int for k in ("NoNewPrivs", "Seccomp", "Seccomp_filters")},
+    **{k: _ints for k in ("Uid", "Gid", "Groups")},
+}
+
+
+def read_status_caps(status_text: str, only: tuple[str, ...] | None = None) -> dict[str, object]:
+    """Parse the capability/identity lines of /proc/<pid>/status for the attestation (only:
+    just these keys)."""
+    fields = _STATUS_FIELDS if only is None else {k: _STATUS_FIELDS[k] for k in only}
     out: dict[str, object] = {}
     for line in status_text.splitlines():
         key, _, val = line.partition(":")
-        val = val.strip()
-        if key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
-            out[key] = mask_names(int(val, 16))
-        elif key in ("NoNewPrivs", "Seccomp", "Seccomp_filters"):
-            out[key] = int(val)
-        elif key in ("Uid", "Gid"):
-            out[key] = [int(x) for x in val.split()]
-        elif key == "Groups":
-            out[key] = [int(x) for x in val.split()]
+        conv = fields.get(key)
+        if conv is not None:
+            out[key] = conv(val.strip())
     return out

@@ -32,6 +32,12 @@ class RuntimeConfig:
     # One generic spare (namespaces only) is kept besides, for a run of a new layout.
     # 0 disables all of them. Each spare is three idle processes and a small tmpfs.
     prefork: int = 2
+    # Keep a run's start off the launcher's CPU: the launcher stays on one CPU of its set and a
+    # staged stub waits with that CPU left out of its affinity (restored as soon as it wakes,
+    # before anything of the run). Without it, a wakeup lands on the waker's CPU (on this VM
+    # always: an idle vCPU counts as preempted), so the stub would run where the launcher still
+    # has START to send. No effect with a single allowed CPU.
+    spread_cpus: bool = True
     # The exec stub (sbx-exec, built by scripts/build_stub.sh). None: the one in the package.
     exec_stub: str | None = None
     # Network segments (sandboxd.network.config.parse_network_config's mapping: segments,

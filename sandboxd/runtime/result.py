@@ -62,7 +62,7 @@ def attest(plan: Plan, rep: dict, base: dict) -> dict:
     /proc/<pid>/status read from outside when the supervisor got there in time."""
     att = rep.get("attestation") or {}
     inside = caps.read_status_caps(att.get("status", ""))
-    outside = caps.read_status_caps(att.get("status_outside", "")) or inside
+    outside = caps.read_status_caps(att.get("status_outside", ""), only=("Seccomp",)) or inside
     ns = att.get("ns") or {}
     host_ns = base.get("host_ns", {})
     return {
@@ -122,8 +122,11 @@ def parse_proc_limits(text: str) -> dict:
     (None: unlimited). Read back, not taken from the plan."""
     out: dict[str, list] = {}
     for line in text.splitlines()[1:]:
-        for label, key in _LIMIT_NAMES.items():
-            if line.startswith(label):
-                parts = line[len(label):].split()
-                out[key] = [None if v == "unlimited" else int(v) for v in parts[:2]]
+        # The kernel pads the name to 25 columns ("%-25s %-20s %-20s %-10s"): the name ends at
+        # the first double space (no name has one).
+        label, _, rest = line.partition("  ")
+        key = _LIMIT_NAMES.get(label)
+        if key is not None:
+            parts = rest.split()
+            out[key] = [None if v == "unlimited" else int(v) for v in parts[:2]]
     return out

@@ -71,6 +71,7 @@ class LayoutContext:
     apparmor_transition: Any = None     # apparmor.ExecTransition; None: no profile to apply
     root_mountpoint: str = "/run/sandboxd/root"   # from RuntimeConfig: a host detail, not the plan's
     stub_fd: int = -1                   # O_PATH fd of sbx-exec, inherited from the launcher
+    avoid_cpu: int = -1                 # the launcher's CPU: the staged stub waits off it (-1: none)
     # Built in the workload (never pickled): the Landlock rules as ctypes structures.
     landlock_prepared: Any = None
 
@@ -143,7 +144,8 @@ def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
             os.close(ruleset_fd)
         os.set_inheritable(stubgo.RULESET_FD, True)
     try:
-        os.execve(ctx.stub_fd, ["sbx-exec", str(stubgo.RULESET_FD) if ruleset_fd >= 0 else "-"], {})
+        os.execve(ctx.stub_fd, ["sbx-exec", str(stubgo.RULESET_FD) if ruleset_fd >= 0 else "-",
+                                str(ctx.avoid_cpu) if ctx.avoid_cpu >= 0 else "-"], {})
     except OSError as e:
         raise LaunchError("execve sbx-exec (the runtime's exec stub)", step="stub", errno=e.errno) from None
 

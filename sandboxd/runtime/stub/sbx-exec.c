@@ -25,7 +25,9 @@
  *      so the microseconds of steps 2-9 count as the run's CPU time.
  *
  * Any failure sends ERROR (a JSON SandboxError naming the step, path and errno) and exits 127.
- * Started as: sbx-exec <ruleset-fd or ->, with fds 0-2 the stdio, 3 the sync socket.
+ * Started as: sbx-exec <ruleset-fd or -> [<launcher's cpu or ->], with fds 0-2 the stdio, 3 the
+ * sync socket. While it waits, the launcher's CPU is left out of its affinity (see avoid_cpu);
+ * the full set is back before step 2.
  *
  * GO message (one SOCK_SEQPACKET frame, native byte order, built by sandboxd.runtime.stubgo):
  *   u32 magic "SBX1", u32 flags, u32 n_rlimits, u32 seccomp_flags, u32 bpf_len, u32 argc,
@@ -38,6 +40,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <linux/filter.h>
 #include <linux/landlock.h>
 #include <linux/seccomp.h>
@@ -188,11 +191,38 @@ static const char *resolve(const char *name, const char *path)
 	return NULL;
 }
 
+/* While waiting for GO, stay off the launcher's CPU (argv[2]): a wakeup lands on the waker's
+ * CPU here, and there the launcher still has START to send. Best effort: if the mask cannot be
+ * narrowed, nothing changed. Returns whether it was narrowed (then restore_cpus must follow). */
+static cpu_set_t saved_cpus;
+
+static int avoid_cpu(const char *arg)
+{
+	if (!arg || strcmp(arg, "-") == 0)
+		return 0;
+	int cpu = atoi(arg);
+	if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof saved_cpus, &saved_cpus) != 0)
+		return 0;
+	if (!CPU_ISSET(cpu, &saved_cpus) || CPU_COUNT(&saved_cpus) < 2)
+		return 0;
+	cpu_set_t away = saved_cpus;
+	CPU_CLR(cpu, &away);
+	return sched_setaffinity(0, sizeof away, &away) == 0;
+}
+
+/* The program gets the set this process had when staged, never the narrowed one: fail closed. */
+static void restore_cpus(void)
+{
+	if (sched_setaffinity(0, sizeof saved_cpus, &saved_cpus) != 0)
+		fail("stub", "restore the CPU affinity", NULL, errno);
+}
+
 int main(int argc, char **argv)
 {
 	int ruleset_fd = -1;
 	if (argc > 1 && strcmp(argv[1], "-") != 0)
 		ruleset_fd = atoi(argv[1]);
+	int narrowed = avoid_cpu(argc > 2 ? argv[2] : NULL);
 	/* Only the program's stdio may survive the final execve. */
 	if (fcntl(SYNC_FD, F_SETFD, FD_CLOEXEC) != 0)
 		_exit(125);
@@ -208,6 +238,8 @@ int main(int argc, char **argv)
 	/* 1. the run */
 	int stdin_fd;
 	size_t len = recv_go(&stdin_fd);
+	if (narrowed)
+		restore_cpus();
 	struct go_header h;
 	if (len < sizeof h)
 		fail("stub", "GO frame too short", NULL, EINVAL);
