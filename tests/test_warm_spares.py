@@ -255,3 +255,21 @@ def test_a_staged_spare_that_dies_idle_is_retired_not_given_a_run(runtime):
     for _ in range(4):
         r = runtime.run(p)
         assert r.status == Status.OK and r.stdout == b"alive\n", r
+
+
+def test_runs_of_one_layout_get_their_own_argv_env_and_limits(runtime):
+    """GO frames are remembered per layout by (argv, env, limits): each run still gets its own."""
+    from sandboxd import planner
+    import dataclasses as dc
+
+    def p(word, var, fsize):
+        base = planner.build_plan(["/bin/sh", "-c", f'echo {word} $V; ulimit -f'],
+                                  env={"PATH": "/usr/bin:/bin", "V": var})
+        return dc.replace(base, limits=dc.replace(base.limits, file_size_bytes=fsize))
+    first = _staged_run(runtime, p("one", "x", 1 << 20))
+    assert first.stdout == b"one x\n2048\n", first.stdout
+    for word, var, fsize, blocks in [("one", "x", 1 << 20, 2048), ("two", "x", 1 << 20, 2048),
+                                     ("one", "y", 1 << 20, 2048), ("one", "x", 2 << 20, 4096),
+                                     ("one", "x", 1 << 20, 2048)]:
+        r = runtime.run(p(word, var, fsize))
+        assert r.stdout == f"{word} {var}\n{blocks}\n".encode(), (word, var, fsize, r.stdout)

@@ -9,7 +9,8 @@ Frames
   launcher/supervisor -> client (run)  OUT1/OUT2 output chunks, RESULT/ERROR JSON at the end
   client -> supervisor (run socket)    CANCEL
   supervisor -> launcher               FORKED {"init_pid"}, REPORT {...} at the end
-  launcher -> supervisor -> init       PLACED {"uid","gid","net"}: mapped and in the cgroup
+  launcher -> supervisor -> init       PLACED {"uid","gid","net"}: mapped and in the cgroup (the
+                                       supervisor's copy is pickled and adds its RunCgroup)
   init -> supervisor -> launcher       NAMESPACED: init has its own namespaces (a segment may attach)
   launcher -> supervisor -> init -> workload
                                        LAYOUT pickled LayoutContext: build the root, stage the workload

@@ -90,7 +90,6 @@ class RunStart:
 
     limits: Limits                      # the run's limits (deadlines, output caps, verdict)
     output_limit_action: str            # Plan.output_limit_action
-    cgroup: Any                         # the run's RunCgroup: CPU polled, numbers read at the end
     cpu_base_ns: int                    # the cgroup's CPU time just before GO
     t_go_ns: int                        # CLOCK_MONOTONIC just before GO: deadlines run from it
     base: dict                          # the launcher's part of the attestation (result.build)
@@ -412,7 +411,9 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     kind, payload, _ = protocol.recv(lsock)
     if kind != protocol.PLACED:
         return 0
-    protocol.send(isock_p, protocol.PLACED, payload)
+    placed = pickle.loads(payload)
+    cgroup = placed.pop("cgroup")                  # the run's cgroup: CPU polled, numbers read
+    protocol.send(isock_p, protocol.PLACED, placed)
     try:
         kind, _, _ = protocol.recv(isock_p)
     except OSError:
@@ -446,7 +447,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         protocol.send(lsock, protocol.REPORT, {"launch_error": st.launch_error or LaunchError(
             "the spare ended while being staged", step="init").to_dict()})
         return 0
-    _warm_up(ctx)
+    _warm_up(ctx, cgroup)
     # The run's event loop, made now (a staged spare may wait long; a run should not wait for
     # this): everything but the client's socket, which comes with START.
     sel = selectors.DefaultSelector()
@@ -493,7 +494,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     run_sock = socket.socket(fileno=fds[0])
     start: RunStart = pickle.loads(payload)
     plan = start.plan_of(ctx.plan)
-    st.cgroup = start.cgroup
+    st.cgroup = cgroup
     st.cpu_base_ns = start.cpu_base_ns
     lim = plan.limits
     out_caps = {"stdout": lim.stdout_bytes, "stderr": lim.stderr_bytes}
@@ -751,7 +752,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     return 0
 
 
-def _warm_up(ctx: LayoutContext) -> None:
+def _warm_up(ctx: LayoutContext, cgroup: Any) -> None:
     """Go once through a run's end on made-up values, while the spare waits.
 
     This process is a fork of the zygote: the first touch of each page of the interpreter's
@@ -762,7 +763,7 @@ def _warm_up(ctx: LayoutContext) -> None:
         base = {"host_ns": {}, "seccomp": {}, "landlock": {}, "apparmor": {}, "cgroup": {}, "spare": {}}
         start = pickle.loads(pickle.dumps(RunStart(limits=ctx.plan.limits,
                                                    output_limit_action=ctx.plan.output_limit_action,
-                                                   cgroup=None, cpu_base_ns=0, t_go_ns=0, base=base),
+                                                   cpu_base_ns=0, t_go_ns=0, base=base),
                                           protocol=pickle.HIGHEST_PROTOCOL))
         plan = start.plan_of(ctx.plan)
         with open("/proc/self/status") as f:
@@ -776,6 +777,11 @@ def _warm_up(ctx: LayoutContext) -> None:
         att = result.attest(plan, rep, start.base)
         res = result.build(plan, rep, {"cpu_ns": 0, "peak": 0, "ooms": 0}, start.base, attestation=att)
         json.dumps(res.to_dict(include_output=False), separators=(",", ":"))
+        # The cgroup reads of the run's loop and end (not memory_peak: on a v2 kernel without
+        # memory.peak it polls, and the staging's memory is not the run's).
+        cgroup.cpu_usage_ns()
+        cgroup.oom_kills()
+        cgroup.pids(first_only=True)
     except Exception:  # noqa: BLE001 - only a head start: the run does the same for real
         pass
 
