@@ -128,6 +128,11 @@ class _RunState:
 GO_CACHE_ENTRIES = 32
 GO_CACHE_FRAME_MAX = 16 << 10
 
+# After spares die before their namespaces exist, the next waits this long, doubling each time
+# in a row up to the maximum (_spare_failed).
+SPARE_RETRY_MIN_S = 0.02
+SPARE_RETRY_MAX_S = 5.0
+
 # A spare's cgroup is made with no limits; the run's limits are written when it is taken (in the
 # order a fresh cgroup takes them, so v1's memsw >= memory rule holds).
 SPARE_LIMITS = Limits(cpu_time_ms=None, memory_bytes=None, pids=None, cpu_quota=None, cpuset=None)
@@ -186,6 +191,7 @@ class Launcher:
         self._layouts: collections.OrderedDict[Any, _Layout] = collections.OrderedDict()
         self._spawned = 0
         self._spawn_backoff = 0.0              # no spare is made before this time (after a failure)
+        self._spare_failures = 0               # spares in a row that died before NAMESPACED
         self._worker_pending = 0
         self.worker, wsock = protocol.seqpacket_pair()
         self.worker_pid = os.fork()
@@ -209,7 +215,7 @@ class Launcher:
                 os._exit(1)
         zsock.close()
         # After the worker and the zygote exist: they, and every spare, keep the full set.
-        self.avoid_cpu = _pin_self() if config.spread_cpus else -1
+        self.avoid_cpu = _pin_self() if config.spread_cpus else ""
 
     # -- main loop -----------------------------------------------------------------------------
     def serve(self) -> None:
@@ -589,6 +595,16 @@ class Launcher:
             return
         run.release_stdin()          # the supervisor has its copy now
 
+    def _spare_failed(self) -> None:
+        """A spare died before it had its namespaces (phase A). Whatever made it fail (a host
+        limit, a broken setup) will most likely make the next one fail too: wait before the
+        next, longer each time in a row (20 ms doubling up to 5 s), or the loop would spin
+        making spares that die (hundreds a second, measured) and take the CPU from the runs.
+        A run never waits for this: without an idle spare it makes its own supervisor."""
+        self._spare_failures += 1
+        delay = min(SPARE_RETRY_MIN_S * 2 ** (self._spare_failures - 1), SPARE_RETRY_MAX_S)
+        self._spawn_backoff = max(self._spawn_backoff, time.monotonic() + delay)
+
     def _retire(self, sup: _Sup) -> None:
         sup.retired = True
         linux.pidfd_send_signal(sup.pidfd, signal.SIGKILL)
@@ -682,6 +698,7 @@ class Launcher:
                                                  "uid_map": uid_map, "gid_map": gid_map})
         elif kind == protocol.NAMESPACED:
             sup.namespaced = True
+            self._spare_failures = 0
             self._advance(sup)
         elif kind == protocol.READY:
             sup.ready = True
@@ -702,6 +719,8 @@ class Launcher:
                       f"(step {err.get('step')}, errno {err.get('errno')})", file=sys.stderr)
                 if sup.layout is not None and sup.namespaced:   # not phase A's failure
                     sup.layout.failed = True
+                if not sup.namespaced:
+                    self._spare_failed()
                 self._retire(sup)
         elif kind == b"":
             self._unregister(sup.lsock)
@@ -798,6 +817,8 @@ class Launcher:
         """The supervisor is gone: answer the client if not done yet, then release everything."""
         sup.exited = True
         run = sup.run
+        if run is None and not sup.retired and not sup.namespaced:
+            self._spare_failed()          # died before its namespaces existed, unasked
         if run is not None:
             # Drain a REPORT that may still be queued behind the exit.
             while run.report is None:
@@ -1117,22 +1138,26 @@ def _reap(pid: int, pidfd: int) -> None:
     os.close(pidfd)
 
 
-def _pin_self() -> int:
-    """Stay on one CPU of our set (the first); return it, or -1 when there is no other to use.
+def _pin_self() -> str:
+    """Stay on one CPU of our set (the first). Returns "CPU:SET" for the staged stubs (the CPU
+    to keep off while waiting, and the full set to take back), or "" when there is no other
+    CPU to use.
 
     A woken process lands on its waker's CPU here (the scheduler takes an idle vCPU for a
     preempted one and never picks it), so a run's stub, woken by GO, would take this CPU while
     the launcher still has START to send and the other CPU idles: START went out ~1.5 ms late
     in most runs (measured). A staged stub waits with this CPU left out of its affinity and puts
-    its full set back as soon as it wakes (sbx-exec.c), so it runs elsewhere."""
+    the full set back as soon as it wakes (sbx-exec.c), so it runs elsewhere. The full set goes
+    with it because what it saw at staging is not it: a spare is staged in the cgroup tuned to
+    its layout's first run, whose cpuset may differ from the run it serves."""
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:
-        return -1
+        return ""
     try:
         os.sched_setaffinity(0, {allowed[0]})
     except OSError:
-        return -1
-    return allowed[0]
+        return ""
+    return f"{allowed[0]}:{','.join(map(str, allowed))}"
 
 
 def zygote_main(sock: socket.socket, stub_fd: int) -> None:

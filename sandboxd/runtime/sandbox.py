@@ -71,7 +71,8 @@ class LayoutContext:
     apparmor_transition: Any = None     # apparmor.ExecTransition; None: no profile to apply
     root_mountpoint: str = "/run/sandboxd/root"   # from RuntimeConfig: a host detail, not the plan's
     stub_fd: int = -1                   # O_PATH fd of sbx-exec, inherited from the launcher
-    avoid_cpu: int = -1                 # the launcher's CPU: the staged stub waits off it (-1: none)
+    avoid_cpu: str = ""                 # "CPU:SET": the staged stub waits off the launcher's CPU and
+                                        # takes SET back before the run ("": stays as it is)
     # Built in the workload (never pickled): the Landlock rules as ctypes structures.
     landlock_prepared: Any = None
 
@@ -144,7 +145,7 @@ def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
         os.set_inheritable(stubgo.RULESET_FD, True)
     try:
         os.execve(ctx.stub_fd, ["sbx-exec", str(stubgo.RULESET_FD) if ruleset_fd >= 0 else "-",
-                                str(ctx.avoid_cpu) if ctx.avoid_cpu >= 0 else "-"], {})
+                                ctx.avoid_cpu or "-"], {})
     except OSError as e:
         raise LaunchError("execve sbx-exec (the runtime's exec stub)", step="stub", errno=e.errno) from None
 
@@ -369,7 +370,7 @@ class _Run:
         self.t_end_ns: int | None = None
         self.staged = False                # the workload staged itself and exec'd the stub
         self.stub_waiting = False          # the stub runs and waits for GO
-        self.cgroup: Any = None            # the run's RunCgroup, from GO
+        self.cgroup: Any = None            # the run's RunCgroup, from PLACED
 
 
 def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
@@ -664,6 +665,8 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
             elif tag == "init":
                 _, status = os.waitpid(ipid, 0)
                 st.t_end_ns = time.monotonic_ns()   # the run's end, whatever the client's pace
+                # Init's raw wait status: SIGKILL (9) when it was ended here after the result
+                # (it waits for that once it reported), else its own exit.
                 st.attestation["init_wait_status"] = status
                 sel.unregister(pidfd)
                 init_done = finished = True

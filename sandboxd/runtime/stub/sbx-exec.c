@@ -25,9 +25,9 @@
  *      so the microseconds of steps 2-9 count as the run's CPU time.
  *
  * Any failure sends ERROR (a JSON SandboxError naming the step, path and errno) and exits 127.
- * Started as: sbx-exec <ruleset-fd or -> [<launcher's cpu or ->], with fds 0-2 the stdio, 3 the
- * sync socket. While it waits, the launcher's CPU is left out of its affinity (see avoid_cpu);
- * the full set is back before step 2.
+ * Started as: sbx-exec <ruleset-fd or -> [<CPU>:<SET> or -], with fds 0-2 the stdio, 3 the
+ * sync socket. While it waits, the launcher's CPU (CPU) is left out of its affinity (see
+ * avoid_cpu); before step 2 its affinity is SET again, the CPUs the launcher was started with.
  *
  * GO message (one SOCK_SEQPACKET frame, native byte order, built by sandboxd.runtime.stubgo):
  *   u32 magic "SBX1", u32 flags, u32 n_rlimits, u32 seccomp_flags, u32 bpf_len, u32 argc,
@@ -191,30 +191,47 @@ static const char *resolve(const char *name, const char *path)
 	return NULL;
 }
 
-/* While waiting for GO, stay off the launcher's CPU (argv[2]): a wakeup lands on the waker's
- * CPU here, and there the launcher still has START to send. Best effort: if the mask cannot be
- * narrowed, nothing changed. Returns whether it was narrowed (then restore_cpus must follow). */
-static cpu_set_t saved_cpus;
+/* While waiting for GO, stay off the launcher's CPU: a wakeup lands on the waker's CPU here,
+ * and there the launcher still has START to send. `arg` is "CPU:SET" (SET a comma-separated
+ * list: the launcher's CPUs before it pinned itself), or "-". Narrowing is best effort (if the
+ * mask cannot be narrowed, nothing changed). Returns whether SET was given: then restore_cpus
+ * must follow, narrowed or not. */
+static cpu_set_t full_cpus;
 
 static int avoid_cpu(const char *arg)
 {
 	if (!arg || strcmp(arg, "-") == 0)
 		return 0;
-	int cpu = atoi(arg);
-	if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof saved_cpus, &saved_cpus) != 0)
-		return 0;
-	if (!CPU_ISSET(cpu, &saved_cpus) || CPU_COUNT(&saved_cpus) < 2)
-		return 0;
-	cpu_set_t away = saved_cpus;
-	CPU_CLR(cpu, &away);
-	return sched_setaffinity(0, sizeof away, &away) == 0;
+	char *end;
+	long cpu = strtol(arg, &end, 10);
+	if (end == arg || *end != ':' || cpu < 0 || cpu >= CPU_SETSIZE)
+		fail("stub", "bad CPU argument (want CPU:SET)", arg, EINVAL);
+	CPU_ZERO(&full_cpus);
+	const char *p = end;
+	do {                           /* p at ':' or ',': a CPU number must follow */
+		long c = strtol(++p, &end, 10);
+		if (end == p || c < 0 || c >= CPU_SETSIZE || (*end && *end != ','))
+			fail("stub", "bad CPU argument (want CPU:SET)", arg, EINVAL);
+		CPU_SET(c, &full_cpus);
+		p = end;
+	} while (*p);
+	cpu_set_t away;
+	if (sched_getaffinity(0, sizeof away, &away) == 0 && CPU_ISSET(cpu, &away) && CPU_COUNT(&away) > 1) {
+		CPU_CLR(cpu, &away);
+		(void)sched_setaffinity(0, sizeof away, &away);
+	}
+	return 1;
 }
 
-/* The program gets the set this process had when staged, never the narrowed one: fail closed. */
+/* The program gets the launcher's original set (the kernel narrows it to this run's cpuset, set
+ * before GO), never the narrowed one nor the one the stub was staged with: a spare is staged
+ * in the cgroup tuned for its layout's first run, whose cpuset may not be this run's, and a
+ * mask once set with sched_setaffinity stays the task's own across later cpuset changes. */
 static void restore_cpus(void)
 {
-	if (sched_setaffinity(0, sizeof saved_cpus, &saved_cpus) != 0)
-		fail("stub", "restore the CPU affinity", NULL, errno);
+	if (sched_setaffinity(0, sizeof full_cpus, &full_cpus) != 0)
+		fail("stub", "restore the CPU affinity (the launcher's CPUs and the run's cpuset may "
+		     "not overlap)", NULL, errno);
 }
 
 int main(int argc, char **argv)
@@ -222,7 +239,7 @@ int main(int argc, char **argv)
 	int ruleset_fd = -1;
 	if (argc > 1 && strcmp(argv[1], "-") != 0)
 		ruleset_fd = atoi(argv[1]);
-	int narrowed = avoid_cpu(argc > 2 ? argv[2] : NULL);
+	int restore = avoid_cpu(argc > 2 ? argv[2] : NULL);
 	/* Only the program's stdio may survive the final execve. */
 	if (fcntl(SYNC_FD, F_SETFD, FD_CLOEXEC) != 0)
 		_exit(125);
@@ -238,7 +255,7 @@ int main(int argc, char **argv)
 	/* 1. the run */
 	int stdin_fd;
 	size_t len = recv_go(&stdin_fd);
-	if (narrowed)
+	if (restore)
 		restore_cpus();
 	struct go_header h;
 	if (len < sizeof h)
