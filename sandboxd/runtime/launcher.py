@@ -198,6 +198,7 @@ class Launcher:
         if self.worker_pid == 0:
             try:
                 linux.close_fds_except((wsock.fileno(),))
+                linux.set_name(b"sbx-hostworker")
                 host_worker(wsock, self.cgroups, self.idmode, config.instance, self.netcfg)
             finally:
                 os._exit(1)
@@ -210,6 +211,7 @@ class Launcher:
         if self.zygote_pid == 0:
             try:
                 linux.close_fds_except((zsock.fileno(), self.stub_fd))
+                linux.set_name(b"sbx-zygote")
                 zygote_main(zsock, self.stub_fd)
             finally:
                 os._exit(1)
@@ -1229,6 +1231,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_launcher(ctl: socket.socket, config: RuntimeConfig) -> None:
     """The launcher process's life: set up, answer GO (or ERROR), serve until the client goes."""
+    linux.set_name(b"sbx-launcher")
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="launcher")
     linux.close_fds_except((ctl.fileno(),))
     try:

@@ -207,6 +207,7 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
               sync_c: socket.socket) -> None:
     """pid 1 of the run. Phase A runs ahead of time (a spare): everything that does not depend
     on the plan. Phase B runs when the layout arrives (still ahead of the run)."""
+    linux.set_name(b"sbx-init")
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="init")
     # -- phase A: the launcher has written our uid/gid map and put us in our cgroup. EOF at any
     # wait below means this spare was retired.
@@ -308,6 +309,7 @@ def _init_failed(sync_c: socket.socket, e: Exception) -> None:
 
 def workload_main(wsock: socket.socket, out_w: int, err_w: int, sync_c: socket.socket) -> None:
     """The spare's workload process until it execs the stub; never returns."""
+    linux.set_name(b"sbx-workload")
     sync = sync_c
     try:
         kind, payload, _ = protocol.recv(wsock)
@@ -341,6 +343,7 @@ def _report_error(sync: socket.socket, e: SandboxError) -> None:
 # ---------------------------------------------------------------------------------------------
 def supervisor_main(lsock: socket.socket, host_uid: int, host_gid: int) -> None:
     """Runs in the fork of the launcher; never returns."""
+    linux.set_name(b"sbx-supervisor")
     code = 0
     try:
         code = _supervise(lsock, host_uid, host_gid)
