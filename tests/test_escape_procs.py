@@ -265,3 +265,25 @@ def test_stopping_or_killing_init_from_inside_has_no_effect(runtime):
                        wall_time_ms=5000))
     assert r.status == Status.OK and r.stdout == b"alive\n", (r.status, r.stdout, r.stderr)
     assert time.monotonic() - t0 < 4
+
+
+def test_init_holds_no_capability_and_is_the_small_c_init(runtime):
+    """Once a spare is staged, pid 1 is sbx-exec in init mode: contained like the workload (no
+    capability in any set, no_new_privs), non-dumpable, holding none of the run's fds."""
+    r = runtime.run(sh("cat /proc/1/status; ls /proc/1/fd 2>&1; echo end"))
+    assert r.status == Status.OK, r
+    fields = dict(ln.split(":", 1) for ln in r.stdout.decode().splitlines() if ":" in ln)
+    assert fields["Name"].strip() == "sbx-init"
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[cap], 16) == 0, (cap, fields[cap])
+    assert fields["NoNewPrivs"].strip() == "1"
+    assert "Permission denied" in r.stdout.decode()         # non-dumpable: /proc/1/fd is root's
+
+
+def test_signals_to_init_reach_the_workload(runtime):
+    """kill -USR1 1 from inside means the program, as outside a container: pid 1 forwards it.
+    (Without Landlock: its signal scoping keeps the program from signalling pid 1 at all.)"""
+    r = runtime.run(bare(sh('trap "echo got-usr1; exit 3" USR1; kill -USR1 1; '
+                            'i=0; while [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; echo missed')))
+    assert r.stdout == b"got-usr1\n", (r.stdout, r.stderr)
+    assert r.status == Status.RUNTIME_ERROR and r.exit_code == 3, r

@@ -107,8 +107,11 @@ class RunStart:
 # workload: the containment order. Each step's position matters; see the comments.
 # ---------------------------------------------------------------------------------------------
 def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
-    """Runs in the spare's workload process with stdio and the sync socket in place (fds 0-3),
-    inside the new root. The whole order, this function's steps then sbx-exec's (stub/sbx-exec.c):
+    """Runs in the spare's init (pid 1) with stdio, the sync socket and the status pipe in place
+    (fds 0-3, STATUS_FD), inside the new root. It execs sbx-exec in init mode, which stays pid 1
+    (reaps, forwards signals, reports the workload's status) and forks the workload, which goes
+    on with the stub's steps. Both are contained by the steps here: pid 1 keeps no capability.
+    The whole order, this function's steps then sbx-exec's (stub/sbx-exec.c):
 
       Python, ahead of the run      sbx-exec, at the run
       1 reset signal dispositions   7  stdin to fd 0
@@ -135,8 +138,9 @@ def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
         ruleset_fd, landlock_att = landlock.build_ruleset(ctx.landlock_prepared)
     att = {"status": _read("/proc/self/status"), "ns": _ns_ids(), "landlock": landlock_att}
     protocol.send(sync, protocol.STAGED, att)
-    # The stub inherits exactly: stdio, the sync socket (3) and the Landlock ruleset (4); it
-    # makes both close-on-exec again before the program's execve.
+    # The stub inherits exactly: stdio, the sync socket (3), the Landlock ruleset (4) and the
+    # status pipe (5); pid 1 closes all but the last, the workload the last and makes the
+    # others close-on-exec again before the program's execve.
     os.set_inheritable(SYNC_FD, True)
     if ruleset_fd >= 0:
         if ruleset_fd != stubgo.RULESET_FD:
@@ -145,20 +149,23 @@ def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
         os.set_inheritable(stubgo.RULESET_FD, True)
     try:
         os.execve(ctx.stub_fd, ["sbx-exec", str(stubgo.RULESET_FD) if ruleset_fd >= 0 else "-",
-                                ctx.avoid_cpu or "-"], {})
+                                ctx.avoid_cpu or "-", str(stubgo.STATUS_FD)], {})
     except OSError as e:
         raise LaunchError("execve sbx-exec (the runtime's exec stub)", step="stub", errno=e.errno) from None
 
 
-def place_fds(stdin_fd: int, out_fd: int, err_fd: int, sync_fd: int, keep: int = -1) -> socket.socket:
-    """stdin/stdout/stderr to 0-2, the sync socket to SYNC_FD, every other fd but `keep` (the
-    stub's O_PATH fd, close-on-exec) closed."""
+def place_fds(stdin_fd: int, out_fd: int, err_fd: int, sync_fd: int, status_fd: int,
+              keep: int = -1) -> socket.socket:
+    """stdin/stdout/stderr to 0-2, the sync socket to SYNC_FD, the status pipe to STATUS_FD
+    (inheritable), every other fd but `keep` (the stub's O_PATH fd, close-on-exec) closed."""
     # Move everything high first so no dup2 can clobber a source that sits on a low number.
-    hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in (stdin_fd, out_fd, err_fd, sync_fd)]
+    hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64)
+          for fd in (stdin_fd, out_fd, err_fd, sync_fd, status_fd)]
     for i in range(3):
         os.dup2(hi[i], i, inheritable=True)
     os.dup2(hi[3], SYNC_FD, inheritable=False)
-    linux.close_fds_except((SYNC_FD, keep))        # nothing of ours leaks into the program
+    os.dup2(hi[4], stubgo.STATUS_FD, inheritable=True)
+    linux.close_fds_except((SYNC_FD, stubgo.STATUS_FD, keep))   # nothing of ours leaks into the program
     return socket.socket(fileno=SYNC_FD)
 
 
@@ -199,14 +206,12 @@ def _ns_ids() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # init: pid 1 of the run
 # ---------------------------------------------------------------------------------------------
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)
-
-
 def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
               sync_c: socket.socket) -> None:
-    """pid 1 of the run. Phase A runs ahead of time (a spare): everything that does not depend
-    on the plan. Phase B runs when the layout arrives (still ahead of the run)."""
+    """pid 1 of the run, until it execs sbx-exec in init mode (which stays pid 1: it forwards
+    signals, reaps, reports the workload's status). Phase A runs ahead of time (a spare):
+    everything that does not depend on the plan. Phase B runs when the layout arrives (still
+    ahead of the run)."""
     linux.set_name(b"sbx-init")
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="init")
     # -- phase A: the launcher has written our uid/gid map and put us in our cgroup. EOF at any
@@ -215,7 +220,6 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
     if kind != protocol.PLACED:
         os._exit(0)
     setup = json.loads(payload)
-    wsock_i, wsock_w = protocol.seqpacket_pair()
     try:
         # Become the workload's inside identity (mapped); keep every capability of this user
         # namespace for the setup below. Files we create must have a mapped owner.
@@ -234,69 +238,41 @@ def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
         linux.write_file("/proc/sys/user/max_user_namespaces", "0", step="init(max_user_namespaces)")
         if setup["net"]:
             linux.loopback_up()
-        os.chdir("/")                              # so pivot_root moves our cwd (and the workload's) too
+        os.chdir("/")                              # so pivot_root moves our cwd too
         # Until now /proc/<init>/ns/net was the host's: the launcher plugs a segment into it
         # only after this.
         protocol.send(isock, protocol.NAMESPACED)
     except (SandboxError, OSError) as e:
         _init_failed(sync_c, e)
-    # The workload process is forked now, sharing every namespace; pivot_root below moves its
-    # root and cwd with ours. It waits for the layout.
-    wpid = os.fork()
-    if wpid == 0:
-        isock.close()
-        wsock_i.close()
-        os.close(status_w)
-        workload_main(wsock_w, out_w, err_w, sync_c)
-    wsock_w.close()
-    os.close(out_w)
-    os.close(err_w)
 
-    # -- phase B: the layout. Build the root and stage the workload; the run comes later, to
-    # the workload directly (init only reaps and reports).
+    # -- phase B: the layout. Build the root, contain this process and exec the stub in init
+    # mode: it stays pid 1 and forks the workload, which waits for the run in the stub.
     kind, payload, _ = protocol.recv(isock)
     if kind != protocol.LAYOUT:
         os._exit(0)
     isock.close()
-    ctx: LayoutContext = pickle.loads(payload)
-    plan = ctx.plan
+    sync = sync_c
     try:
+        ctx: LayoutContext = pickle.loads(payload)
+        plan = ctx.plan
         linux.sethostname(plan.hostname)
         mounts.build_root(plan.filesystem, ctx.root_mountpoint)
-        linux.prctl(linux.PR_SET_DUMPABLE, 0, step="init")  # the workload cannot ptrace or read /proc/1
-    except (SandboxError, OSError) as e:
-        _init_failed(sync_c, e)
-    protocol.send(wsock_i, protocol.LAYOUT, payload)
-    wsock_i.close()
-    sync_c.close()
-
-    def forward(sig: int, _frame: Any) -> None:
-        try:
-            os.kill(wpid, sig)
-        except OSError:
-            pass
-    for s in FORWARDED_SIGNALS:
-        signal.signal(s, forward)
-    # Reap everything; report the workload's own status when it ends, then wait for the
-    # supervisor's SIGKILL, which takes whatever is left in the pid namespace with us.
-    while True:
-        try:
-            pid, status, ru = os.wait4(-1, 0)
-        except ChildProcessError:
-            os._exit(0)
-        except InterruptedError:
-            continue
-        if pid == wpid:
-            t_exit = time.monotonic_ns()
-            rep = {"wait_status": status, "utime": ru.ru_utime, "stime": ru.ru_stime,
-                   "maxrss_kb": ru.ru_maxrss, "t_exit_ns": t_exit}
-            os.write(status_w, json.dumps(rep).encode())
-            # Not exit now: our exit tears the namespaces down, about a millisecond of kernel
-            # work that would take a CPU from the supervisor while it sends the result. It kills
-            # us right after that (or at once, when something of the run outlives the program);
-            # if it dies, PDEATHSIG does.
-            while True:
-                signal.pause()
+        # Until the stub's own prctl after its exec, and for good: the workload cannot ptrace
+        # its init or read /proc/1.
+        linux.prctl(linux.PR_SET_DUMPABLE, 0, step="init")
+        if ctx.landlock_rules is not None:         # ctypes structures for the ruleset
+            ctx.landlock_prepared = landlock.prepare(ctx.landlock_rules)
+        # Out of the way of the fd numbers place_fds fills.
+        ctx.stub_fd = fcntl.fcntl(ctx.stub_fd, fcntl.F_DUPFD_CLOEXEC, 64)
+        # stdin is the run's; until it comes, /dev/null (the new root's) holds the place.
+        devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        sync = place_fds(devnull, out_w, err_w, sync_c.fileno(), status_w, keep=ctx.stub_fd)
+        contain_and_stage(ctx, sync)
+    except SandboxError as e:
+        _report_error(sync, e)
+    except BaseException as e:  # noqa: BLE001 - never return into the launcher's code
+        _report_error(sync, LaunchError(repr(e), step="init"))
+    os._exit(125)
 
 
 def _init_failed(sync_c: socket.socket, e: Exception) -> None:
@@ -305,30 +281,6 @@ def _init_failed(sync_c: socket.socket, e: Exception) -> None:
                                                              errno=getattr(e, "errno", None))
     _report_error(sync_c, err)
     os._exit(125)
-
-
-def workload_main(wsock: socket.socket, out_w: int, err_w: int, sync_c: socket.socket) -> None:
-    """The spare's workload process until it execs the stub; never returns."""
-    linux.set_name(b"sbx-workload")
-    sync = sync_c
-    try:
-        kind, payload, _ = protocol.recv(wsock)
-        if kind != protocol.LAYOUT:
-            os._exit(0)
-        ctx: LayoutContext = pickle.loads(payload)
-        if ctx.landlock_rules is not None:         # ctypes structures for the ruleset
-            ctx.landlock_prepared = landlock.prepare(ctx.landlock_rules)
-        # Out of the way of the fd numbers place_fds fills.
-        ctx.stub_fd = fcntl.fcntl(ctx.stub_fd, fcntl.F_DUPFD_CLOEXEC, 64)
-        # stdin is the run's; until it comes, /dev/null (the new root's) holds the place.
-        devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        sync = place_fds(devnull, out_w, err_w, sync_c.fileno(), keep=ctx.stub_fd)
-        contain_and_stage(ctx, sync)
-    except SandboxError as e:
-        _report_error(sync, e)
-    except BaseException as e:  # noqa: BLE001 - the child must never return into the launcher's code
-        _report_error(sync, LaunchError(repr(e), step="workload"))
-    os._exit(127)
 
 
 def _report_error(sync: socket.socket, e: SandboxError) -> None:

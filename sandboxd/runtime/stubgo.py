@@ -19,6 +19,7 @@ from sandboxd.plan import Plan
 
 STUB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stub", "sbx-exec")
 RULESET_FD = 4           # where the Landlock ruleset sits when the stub starts
+STATUS_FD = 5            # init mode: where pid 1 writes the workload's wait status
 
 MAGIC = 0x31584253       # "SBX1"
 F_SECCOMP = 1

@@ -25,8 +25,15 @@
  *      so the microseconds of steps 2-9 count as the run's CPU time.
  *
  * Any failure sends ERROR (a JSON SandboxError naming the step, path and errno) and exits 127.
- * Started as: sbx-exec <ruleset-fd or -> [<CPU>:<SET> or -], with fds 0-2 the stdio, 3 the
- * sync socket. While it waits, the launcher's CPU (CPU) is left out of its affinity (see
+ * Started as: sbx-exec <ruleset-fd or -> [<CPU>:<SET> or -] [<status-fd> or -], with fds 0-2
+ * the stdio, 3 the sync socket.
+ *
+ * Init mode (a status fd given): the Python side that execs us is the run's pid 1 (it built the
+ * root and contained itself: no capabilities, no_new_privs). Then this program is the run's
+ * init from here on (run_init): it forks, the child goes on with the steps above, and pid 1
+ * only forwards signals to it, reaps every process, writes the child's wait status to the
+ * status fd once it ends, and waits to be killed by the supervisor. So no Python process is
+ * left in the sandbox once a spare is staged, and none is forked for the workload. While it waits, the launcher's CPU (CPU) is left out of its affinity (see
  * avoid_cpu); before step 2 its affinity is SET again, the CPUs the launcher was started with.
  *
  * GO message (one SOCK_SEQPACKET frame, native byte order, built by sandboxd.runtime.stubgo):
@@ -48,8 +55,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -234,11 +244,97 @@ static void restore_cpus(void)
 		     "not overlap)", NULL, errno);
 }
 
+/* Init mode. What a signal to pid 1 means outside (kill -TERM 1, a terminal's SIGINT/SIGWINCH),
+ * it means to the program: pid 1 passes these on. SIGKILL and SIGSTOP cannot be caught, and
+ * the kernel does not deliver them to a pid namespace's init from inside it. */
+static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGCONT, SIGWINCH};
+#define N_FORWARDED (sizeof forwarded / sizeof forwarded[0])
+static volatile pid_t workload_pid;
+
+static void forward(int sig)
+{
+	if (workload_pid > 0)
+		kill(workload_pid, sig);
+}
+
+/* Returns in the child (the workload, which goes on to wait for GO); never in pid 1. */
+static void run_init(int status_fd, int ruleset_fd)
+{
+	/* exec made us dumpable again: a program of the same uid could ptrace its init or open
+	 * /proc/1/mem. Nothing else runs in the pid namespace yet. */
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+		fail("init", "prctl(PR_SET_DUMPABLE, 0)", NULL, errno);
+	sigset_t block, old;
+	sigemptyset(&block);
+	for (size_t i = 0; i < N_FORWARDED; i++)
+		sigaddset(&block, forwarded[i]);
+	/* Blocked over the fork: a signal sent meanwhile is forwarded once the child's pid is known. */
+	sigprocmask(SIG_BLOCK, &block, &old);
+	struct sigaction sa = {.sa_handler = forward, .sa_flags = SA_RESTART};
+	sigemptyset(&sa.sa_mask);
+	for (size_t i = 0; i < N_FORWARDED; i++)
+		sigaction(forwarded[i], &sa, NULL);
+	pid_t pid = fork();
+	if (pid < 0)
+		fail("init", "fork the workload", NULL, errno);
+	if (pid == 0) {
+		struct sigaction dfl = {.sa_handler = SIG_DFL};
+		for (size_t i = 0; i < N_FORWARDED; i++)
+			sigaction(forwarded[i], &dfl, NULL);
+		sigprocmask(SIG_SETMASK, &old, NULL);
+		close(status_fd);
+		return;
+	}
+	workload_pid = pid;
+	prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
+	/* pid 1 keeps nothing of the run: open, the stdio pipes and the sync socket would keep
+	 * the supervisor from seeing their ends. */
+	close(0);
+	close(1);
+	close(2);
+	close(SYNC_FD);
+	if (ruleset_fd >= 0)
+		close(ruleset_fd);
+	sigprocmask(SIG_SETMASK, &old, NULL);
+	for (;;) {
+		int st;
+		struct rusage ru;
+		pid_t p = wait4(-1, &st, 0, &ru);
+		if (p < 0) {
+			if (errno == EINTR)
+				continue;
+			_exit(0); /* ECHILD: cannot happen before the workload's end is reported */
+		}
+		if (p != pid)
+			continue; /* an orphan reparented to us: reaped, nothing to report */
+		struct timespec ts;
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		char rep[256];
+		int n = snprintf(rep, sizeof rep,
+				 "{\"wait_status\":%d,\"utime\":%ld.%06ld,\"stime\":%ld.%06ld,"
+				 "\"maxrss_kb\":%ld,\"t_exit_ns\":%lld}",
+				 st, (long)ru.ru_utime.tv_sec, (long)ru.ru_utime.tv_usec,
+				 (long)ru.ru_stime.tv_sec, (long)ru.ru_stime.tv_usec, ru.ru_maxrss,
+				 (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
+		if (n > 0)
+			(void)!write(status_fd, rep, (size_t)n);
+		/* Not exit: our exit tears the namespaces down, about a millisecond of kernel work
+		 * that would take a CPU from the supervisor while it sends the result. It kills us
+		 * right after that (or at once, when something of the run outlives the program); if
+		 * it dies, the parent-death signal does. Orphans are still reaped meanwhile. */
+		for (;;)
+			if (wait4(-1, &st, 0, NULL) < 0 && errno != EINTR)
+				pause();
+	}
+}
+
 int main(int argc, char **argv)
 {
 	int ruleset_fd = -1;
 	if (argc > 1 && strcmp(argv[1], "-") != 0)
 		ruleset_fd = atoi(argv[1]);
+	if (argc > 3 && strcmp(argv[3], "-") != 0)
+		run_init(atoi(argv[3]), ruleset_fd); /* returns in the workload */
 	int restore = avoid_cpu(argc > 2 ? argv[2] : NULL);
 	/* Only the program's stdio may survive the final execve. */
 	if (fcntl(SYNC_FD, F_SETFD, FD_CLOEXEC) != 0)
