@@ -368,3 +368,17 @@ def test_spares_that_keep_failing_are_retried_with_backoff():
     failures = err.decode(errors="replace").count("injected phase-A failure")
     # 20, 40, 80, ... ms apart: 8 or 9 in 3 s (plus the first spares made at once).
     assert 3 <= failures <= 14, (failures, err[-2000:])
+
+
+def test_a_remembered_plan_is_still_checked_and_each_run_keeps_its_stdin(runtime):
+    """The launcher remembers decoded plans by their frame: a refused plan is refused every time
+    (only accepted ones are remembered), and runs of one remembered plan still get their own
+    stdin and output."""
+    bad = dataclasses.replace(plan(["/bin/true"]), env=(("A=B", "x"),))
+    for _ in range(3):
+        with pytest.raises(PlanError, match="invalid plan values: env"):
+            runtime.run(bad)
+    p = plan(["/bin/cat"])
+    for word in (b"one", b"two", b"three"):
+        r = runtime.run(p, stdin=word)
+        assert r.status == Status.OK and r.stdout == word, r
