@@ -382,3 +382,55 @@ def test_a_remembered_plan_is_still_checked_and_each_run_keeps_its_stdin(runtime
     for word in (b"one", b"two", b"three"):
         r = runtime.run(p, stdin=word)
         assert r.status == Status.OK and r.stdout == word, r
+
+
+def test_stub_in_init_mode_forks_the_workload_reaps_and_reports(tmp_path):
+    """sbx-exec <ruleset> <cpu> <status-fd>: the process stays as init (reaps, forwards signals,
+    writes the workload's wait status and rusage as JSON to the status fd, then waits to be
+    killed), its fork takes the GO frame. Init keeps none of the run's fds: EOF on the sync
+    socket still means "the program exec'd"."""
+    import signal
+    from sandboxd import planner
+    p = planner.build_plan(["/bin/sh", "-c", 'trap "exit 7" USR1; echo up; '
+                            'while :; do sleep 0.05; done'], env={"PATH": "/usr/bin:/bin"})
+    ours, theirs = protocol.seqpacket_pair()
+    r, w = os.pipe()
+    out = tmp_path / "out"
+
+    def child():
+        os.dup2(theirs.fileno(), 3)
+        os.dup2(w, stubgo.STATUS_FD)
+    with open(out, "wb") as f:
+        proc = subprocess.Popen([stubgo.STUB_PATH, "-", "-", str(stubgo.STATUS_FD)], stdout=f,
+                                stderr=subprocess.STDOUT, close_fds=False, preexec_fn=child)
+    theirs.close()
+    os.close(w)
+    try:
+        assert ours.recv(16) == b"W"
+        with open(f"/proc/{proc.pid}/status") as st:
+            fields = dict(ln.split(":", 1) for ln in st.read().splitlines())
+        assert fields["Name"].strip() == "sbx-init"
+        fds = {int(x) for x in os.listdir(f"/proc/{proc.pid}/fd")}
+        # stdio and the sync socket are the workload's only (the test's own fds stay open
+        # here: in a run, init's Python side closed everything but these before the exec)
+        assert stubgo.STATUS_FD in fds and not fds & {0, 1, 2, 3}, fds
+        fd = os.open("/dev/null", os.O_RDONLY)
+        protocol.send_raw(ours, stubgo.encode(p, bpf=None, seccomp_flags=0, landlock=False,
+                                              exec_rule=None), fds=[fd])
+        os.close(fd)
+        assert ours.recv(65536)[:1] == b"X"
+        assert ours.recv(16) == b""                       # the program exec'd: EOF, init or not
+        deadline = time.monotonic() + 10
+        while b"up" not in out.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGUSR1)                # to init: forwarded to the program
+        rep = json.loads(os.read(r, 4096))
+        assert os.waitstatus_to_exitcode(rep["wait_status"]) == 7, rep
+        assert set(rep) == {"wait_status", "utime", "stime", "maxrss_kb", "t_exit_ns"}
+        assert abs(rep["t_exit_ns"] - time.monotonic_ns()) < 5e9 and rep["maxrss_kb"] > 0
+        time.sleep(0.1)
+        assert proc.poll() is None                        # init waits to be killed
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(r)
