@@ -287,3 +287,11 @@ def test_signals_to_init_reach_the_workload(runtime):
                             'i=0; while [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; echo missed')))
     assert r.stdout == b"got-usr1\n", (r.stdout, r.stderr)
     assert r.status == Status.RUNTIME_ERROR and r.exit_code == 3, r
+
+
+def test_the_program_leads_its_own_session_and_group(runtime):
+    """Not init's: kill(0, sig) from the program reaches it and its children, never pid 1."""
+    r = runtime.run(sh('echo "$(cut -d" " -f6,5 /proc/$$/stat) $$"'))
+    assert r.status == Status.OK, r
+    pgrp, sid, pid = r.stdout.decode().split()
+    assert pgrp == sid == pid, r.stdout

@@ -104,7 +104,7 @@ class RunStart:
 
 
 # ---------------------------------------------------------------------------------------------
-# workload: the containment order. Each step's position matters; see the comments.
+# the containment order (init's last steps, then the stub's). Each step's position matters.
 # ---------------------------------------------------------------------------------------------
 def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
     """Runs in the spare's init (pid 1) with stdio, the sync socket and the status pipe in place

@@ -283,6 +283,11 @@ static void run_init(int status_fd, int ruleset_fd)
 			sigaction(forwarded[i], &dfl, NULL);
 		sigprocmask(SIG_SETMASK, &old, NULL);
 		close(status_fd);
+		/* The program leads its own session and process group, as it did when it was init's
+		 * only child made by Python: kill(0, sig) then reaches it and its children, not init
+		 * (which would forward it a second time). */
+		if (setsid() < 0)
+			fail("init", "setsid for the workload", NULL, errno);
 		return;
 	}
 	workload_pid = pid;
