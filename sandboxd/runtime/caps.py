@@ -1,6 +1,7 @@
 """Capability names and the drop sequence.
 
-Dropping happens in the workload process right before no_new_privs/LSM/seccomp, in this order
+Dropping happens in the run's init (before it becomes the stub's init mode and forks the
+workload) right before no_new_privs/LSM/seccomp, in this order
 (each step needs what the previous one still has):
   1. bounding set: drop everything not kept (needs CAP_SETPCAP, which we still hold);
   2. ambient set cleared;

@@ -59,7 +59,7 @@ class _Sup:
     key: tuple[int, int, bool]           # (inside uid, inside gid, own netns): fixed at spawn
     cgroup: Any                          # made at spawn with no limits; the run's limits come later
     layout: "_Layout | None" = None      # what its root is (to be) built for; None: not chosen yet
-    layout_sent: bool = False            # LAYOUT sent: init builds the root, the workload stages
+    layout_sent: bool = False            # LAYOUT sent: init builds the root and stages the workload
     ready: bool = False                  # READY: staged, the stub waits for a run
     go_sock: socket.socket | None = None  # from READY: the supervisor's end of the stub's socket
     retired: bool = False                # killed as a spare no longer wanted

@@ -7,23 +7,23 @@ the child may run Python until execve. Per run:
 
 * supervisor (host side): takes the run's host uid/gid (no supplementary groups), unshares
   USER|PID and forks init, ahead of time as a spare. The launcher's host worker writes init's
-  uid/gid map and puts init into its cgroup; PLACED lets init make its namespaces and fork the
-  workload; LAYOUT (a LayoutContext: the plan without argv, env, limits, stdin) has init build
-  the root and the workload stage itself in the exec stub; READY hands the launcher the stub's
-  socket. At the run the launcher sends the stub its GO frame and this process START. The
+  uid/gid map and puts init into its cgroup; PLACED lets init make its namespaces; LAYOUT (a
+  LayoutContext: the plan without argv, env, limits, stdin) has init build the root, contain
+  itself and exec the stub in init mode, whose fork (the workload) waits for the run; READY
+  hands the launcher the workload's socket. At the run the launcher sends the stub its GO frame and this process START. The
   supervisor stays outside the cgroup (its work is not charged to the workload) and runs the
   run's event loop: output pipes -> client with caps, seccomp user notifications (denials
   reported by name), wall/CPU deadlines, cancellation; then the result to the client and the
   report to the launcher. Killing init kills the whole pid namespace: "kill the run" is one
   signal.
 * init: pid 1 of the run. Phase A: unshares mount, net, ipc, uts and cgroup namespaces (cgroup
-  after the placement, so the run sees its own cgroup as /) and forks the workload, which
-  waits. Phase B (the layout): builds the root filesystem and pivots into it (the waiting
-  workload moves with it), hands the layout on, then forwards signals, reaps orphans, and
-  reports the workload's wait status. When it exits the kernel kills everything left in the
-  namespace, so no background child outlives the run.
-* workload: the containment order in `contain_and_stage` (its docstring lists it whole, the
-  stub's part included), then sbx-exec (stub/sbx-exec.c) for the run's own steps.
+  after the placement, so the run sees its own cgroup as /). Phase B (the layout): builds the
+  root filesystem and pivots into it, then the containment order in `contain_and_stage` (its
+  docstring lists it whole, the stub's part included) and execs sbx-exec (stub/sbx-exec.c) in
+  init mode: from then on pid 1 is C code that forwards signals, reaps orphans and reports the
+  workload's wait status. When it is killed the kernel kills everything left in the namespace,
+  so no background child outlives the run.
+* workload: init mode's fork of sbx-exec; it waits for GO and does the run's own steps.
 
 Every channel is a CLOEXEC pipe or socket; each process closes what it does not need at once.
 """
@@ -363,7 +363,7 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     pidfd = linux.pidfd_open(ipid)
     protocol.send(lsock, protocol.FORKED, {"init_pid": ipid})
     # The launcher maps init's ids and places it in its cgroup, then says PLACED: init may go
-    # on with what does not depend on the run (namespaces, the workload's fork).
+    # on with what does not depend on the run (its namespaces).
     kind, payload, _ = protocol.recv(lsock)
     if kind != protocol.PLACED:
         return 0
@@ -384,7 +384,8 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         return 0
     protocol.send(lsock, protocol.NAMESPACED)
 
-    # The layout: init builds the root, the workload stages itself and execs the stub. Then
+    # The layout: init builds the root, contains itself and execs the stub, whose fork (the
+    # workload) waits for GO. Then
     # this spare is ready; wait for a run (a spare may wait long). EOF: retired, and init dies
     # with us.
     kind, payload, _ = protocol.recv(lsock)

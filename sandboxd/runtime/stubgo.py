@@ -34,7 +34,7 @@ DEFAULT_PATH = "/usr/bin:/bin"
 
 def open_stub(path: str | None = None) -> int:
     """An O_PATH fd of the stub, opened once by the launcher and inherited by every spare (the
-    workload execs it by fd: after pivot_root no host path leads to it)."""
+    run's init execs it by fd: after pivot_root no host path leads to it)."""
     path = path or STUB_PATH
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)

@@ -1,12 +1,13 @@
 /*
  * sbx-exec: the last steps of a sandboxd run, in a process whose memory is small.
  *
- * Why this exists. The runtime's workload process is a fork of the Python launcher. Its
- * containment (namespaces, root, capabilities, no_new_privs, the Landlock ruleset) is done in
- * Python ahead of time, in a spare. But execve() from a forked Python process first tears down
- * a copy-on-write image of the whole interpreter (about a millisecond here), and that would sit
- * on every run's path. So the spare's Python workload execs this small static program while it
- * is still a spare, and this program waits for the run and does only what depends on it:
+ * Why this exists. A run's init is a fork of the Python launcher. Its containment (namespaces,
+ * root, capabilities, no_new_privs, the Landlock ruleset) is done in Python ahead of time, in a
+ * spare. But execve() from a forked Python process first tears down a copy-on-write image of
+ * the whole interpreter (about a millisecond here), and that would sit on every run's path. So
+ * the spare's init execs this small static program while it is still a spare (in init mode,
+ * below: it stays pid 1 and forks the workload), and the workload waits for the run and does
+ * only what depends on it:
  *
  *   1. receive the GO message (below) and the run's stdin on fd 3 (the sync socket)
  *   2. stdin to fd 0
