@@ -410,9 +410,15 @@ def test_stub_in_init_mode_forks_the_workload_reaps_and_reports(tmp_path):
         with open(f"/proc/{proc.pid}/status") as st:
             fields = dict(ln.split(":", 1) for ln in st.read().splitlines())
         assert fields["Name"].strip() == "sbx-init"
-        fds = {int(x) for x in os.listdir(f"/proc/{proc.pid}/fd")}
         # stdio and the sync socket are the workload's only (the test's own fds stay open
-        # here: in a run, init's Python side closed everything but these before the exec)
+        # here: in a run, init's Python side closed everything but these before the exec).
+        # The workload's "W" may come before init closed them: wait for that.
+        deadline = time.monotonic() + 5
+        while True:
+            fds = {int(x) for x in os.listdir(f"/proc/{proc.pid}/fd")}
+            if not fds & {0, 1, 2, 3} or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         assert stubgo.STATUS_FD in fds and not fds & {0, 1, 2, 3}, fds
         fd = os.open("/dev/null", os.O_RDONLY)
         protocol.send_raw(ours, stubgo.encode(p, bpf=None, seccomp_flags=0, landlock=False,
