@@ -295,3 +295,27 @@ def test_the_program_leads_its_own_session_and_group(runtime):
     assert r.status == Status.OK, r
     pgrp, sid, pid = r.stdout.decode().split()
     assert pgrp == sid == pid, r.stdout
+
+
+TRACEME = r"""
+import ctypes, os, signal, sys
+l = ctypes.CDLL(None, use_errno=True)
+print("traceme", l.ptrace(0, 0, 0, 0), ctypes.get_errno(), flush=True)   # PTRACE_TRACEME
+if sys.argv[1] == "segv":
+    os.kill(os.getpid(), signal.SIGSEGV)
+os.kill(os.getpid(), signal.SIGUSR1)        # a stop reported to init if it is the tracer
+sys.exit(3)
+"""
+
+
+def test_a_workload_that_makes_init_its_tracer_still_gets_an_honest_verdict(runtime):
+    """PTRACE_TRACEME needs no permission from the parent: without seccomp the program can make
+    init its tracer, and its stops are then reported to init. They are not its end: init lets it
+    go on with the signal, and the verdict is what the signal or exit really was."""
+    r = runtime.run(bare(plan([PY, "-c", TRACEME, "segv"])))
+    assert r.stdout == b"traceme 0 0\n", (r.stdout, r.stderr)         # init is its tracer
+    assert (r.status, r.signal) == (Status.SIGNALED, 11), r
+    r = runtime.run(bare(plan([PY, "-c", "import signal; signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+                                + TRACEME, "usr1"])))
+    assert r.stdout == b"traceme 0 0\n", (r.stdout, r.stderr)
+    assert (r.status, r.exit_code) == (Status.RUNTIME_ERROR, 3), r

@@ -126,6 +126,28 @@ def test_result_build_with_an_attestation_parsed_early_equals_parsing_at_the_end
     assert a.attestation["rlimits"]["core"] == [0, 0] and a.wall_time_ms == 1.0
 
 
+@pytest.mark.parametrize("ws, want", [(3 << 8, ("exit", 3)), (11, ("signal", 11)),
+                                      ((11 << 8) | 0x7F, None), (0xFFFF, None)])
+def test_result_build_takes_only_an_exit_or_a_signal_as_the_end(ws, want):
+    """A stopped child's status (a traced workload stops, reported to init) is no end: it is a
+    sandbox error, never a verdict (it would have been OK with no exit code)."""
+    from sandboxd import planner
+    from sandboxd.errors import LaunchError
+    from sandboxd.runtime import result
+    p = planner.build_plan(["/bin/true"])
+    rep = {"workload": {"wait_status": ws, "t_exit_ns": 2_000_000}, "t_exec_ns": 1_000_000,
+           "cpu_base_ns": 0, "truncated": {"stdout": False, "stderr": False}, "denials": {},
+           "attestation": {}}
+    numbers = {"cpu_ns": 0, "peak": 0, "ooms": 0}
+    base = {"seccomp": {}, "apparmor": {}, "cgroup": {}}
+    if want is None:
+        with pytest.raises(LaunchError, match="neither an exit nor a signal"):
+            result.build(p, rep, numbers, base)
+        return
+    r = result.build(p, rep, numbers, base)
+    assert (r.exit_code, r.signal) == ((want[1], None) if want[0] == "exit" else (None, want[1]))
+
+
 def test_status_and_limits_parsers_match_a_plain_reading_of_this_process():
     """The attestation's parsers (tuned: they run once per run on the way to the result) read
     what a plain line-by-line reading of the same /proc files reads."""

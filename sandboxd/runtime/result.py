@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+from sandboxd.errors import LaunchError
 from sandboxd.plan import DeniedSyscall, Plan, Result, Status
 from sandboxd.runtime import caps
 
@@ -35,6 +36,10 @@ def build(plan: Plan, rep: dict, numbers: dict, base: dict, attestation: dict | 
             exit_code = os.WEXITSTATUS(ws)
         elif os.WIFSIGNALED(ws):
             sig = os.WTERMSIG(ws)
+        else:
+            # A stop or anything else is no end: never let it become a verdict (it would be OK).
+            raise LaunchError(f"init reported wait status {ws:#x}, neither an exit nor a signal",
+                              step="collect")
     else:
         sig = signal.SIGKILL  # init was killed: the workload died with the namespace
     reason = rep.get("kill_reason")

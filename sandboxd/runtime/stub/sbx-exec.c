@@ -58,6 +58,7 @@
 #include <string.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -258,6 +259,24 @@ static void forward(int sig)
 		kill(workload_pid, sig);
 }
 
+/* wait4 for any child; a stop is never an end. A process of the run may have made us its tracer
+ * (PTRACE_TRACEME needs no permission from the parent), and then its stops are reported here:
+ * let it go with the signal it stopped for, as if nothing traced it, so it is not left stopped
+ * and its status is never mistaken for its end. */
+static pid_t reap(int *st, struct rusage *ru)
+{
+	for (;;) {
+		pid_t p = wait4(-1, st, 0, ru);
+		if (p > 0 && WIFSTOPPED(*st)) {
+			int sig = WSTOPSIG(*st) & 0x7f;
+			ptrace(PTRACE_DETACH, p, NULL, (void *)(long)sig);
+			continue;
+		}
+		if (p > 0 || errno != EINTR)
+			return p;
+	}
+}
+
 /* Returns in the child (the workload, which goes on to wait for GO); never in pid 1. */
 static void run_init(int status_fd, int ruleset_fd)
 {
@@ -305,14 +324,15 @@ static void run_init(int status_fd, int ruleset_fd)
 	for (;;) {
 		int st;
 		struct rusage ru;
-		pid_t p = wait4(-1, &st, 0, &ru);
-		if (p < 0) {
-			if (errno == EINTR)
-				continue;
+		pid_t p = reap(&st, &ru);
+		if (p < 0)
 			_exit(0); /* ECHILD: cannot happen before the workload's end is reported */
-		}
 		if (p != pid)
 			continue; /* an orphan reparented to us: reaped, nothing to report */
+		/* Its pid may be given to another process of the run now: forward nothing more. */
+		sigprocmask(SIG_BLOCK, &block, NULL);
+		workload_pid = 0;
+		sigprocmask(SIG_SETMASK, &old, NULL);
 		struct timespec ts;
 		clock_gettime(CLOCK_MONOTONIC, &ts);
 		char rep[256];
@@ -329,7 +349,7 @@ static void run_init(int status_fd, int ruleset_fd)
 		 * right after that (or at once, when something of the run outlives the program); if
 		 * it dies, the parent-death signal does. Orphans are still reaped meanwhile. */
 		for (;;)
-			if (wait4(-1, &st, 0, NULL) < 0 && errno != EINTR)
+			if (reap(&st, &ru) < 0)
 				pause();
 	}
 }
