@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from sandboxd.engine.config import DEFAULT_CONFIG, DEFAULT_SOCKET
+from sandboxd.engine.defaults import DEFAULT_CONFIG, DEFAULT_SOCKET
 
 
 def _default_config() -> str | None:

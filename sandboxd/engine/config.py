@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sandboxd.engine.defaults import DEFAULT_CONFIG, DEFAULT_SOCKET  # noqa: F401 (re-exported)
 from sandboxd.errors import PolicyError
 from sandboxd.policy.loader import LoadContext, PolicySet, _under_bad, load_policy_dir
 from sandboxd.policy.request import RequestBounds
@@ -21,8 +22,6 @@ from sandboxd.policy.schema import NAME_DOC, NAME_PATTERN
 from sandboxd.policy.source import Problem, parse_yaml
 from sandboxd.policy.validate import spec, validate_partial
 
-DEFAULT_SOCKET = "/run/sandboxd/sandboxd.sock"
-DEFAULT_CONFIG = "/etc/sandboxd/server.yaml"
 _HOSTPORT_RE = re.compile(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 
 
