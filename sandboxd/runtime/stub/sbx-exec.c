@@ -34,7 +34,9 @@
  * init from here on (run_init): it forks, the child goes on with the steps above, and pid 1
  * only forwards signals to it, reaps every process, writes the child's wait status to the
  * status fd once it ends, and waits to be killed by the supervisor. So no Python process is
- * left in the sandbox once a spare is staged, and none is forked for the workload. While it waits, the launcher's CPU (CPU) is left out of its affinity (see
+ * left in the sandbox once a spare is staged, and none is forked for the workload.
+ *
+ * While the workload waits for GO, the launcher's CPU (CPU) is left out of its affinity (see
  * avoid_cpu); before step 2 its affinity is SET again, the CPUs the launcher was started with.
  *
  * GO message (one SOCK_SEQPACKET frame, native byte order, built by sandboxd.runtime.stubgo):
@@ -312,8 +314,8 @@ static void run_init(int status_fd, int ruleset_fd)
 	}
 	workload_pid = pid;
 	prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
-	/* pid 1 keeps nothing of the run: open, the stdio pipes and the sync socket would keep
-	 * the supervisor from seeing their ends. */
+	/* pid 1 keeps nothing of the run open: held here, the stdio pipes and the sync socket
+	 * would keep the supervisor from seeing their ends. */
 	close(0);
 	close(1);
 	close(2);
