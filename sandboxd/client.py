@@ -23,8 +23,8 @@ import grpc
 
 from sandboxd.api.gen.sandboxd.v1 import sandboxd_pb2 as pb
 from sandboxd.api.gen.sandboxd.v1 import sandboxd_pb2_grpc as pb_grpc
+from sandboxd.engine.defaults import DEFAULT_SOCKET  # noqa: F401 (also sandboxd.client.DEFAULT_SOCKET)
 
-DEFAULT_SOCKET = "/run/sandboxd/sandboxd.sock"
 ERROR_METADATA_KEY = "sandboxd-error"
 _MAX_MESSAGE = 1 << 30   # results carry stdout/stderr and files; the server bounds them
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sandboxd.engine.defaults import DEFAULT_CONFIG, DEFAULT_SOCKET  # noqa: F401 (re-exported)
+from sandboxd.engine.defaults import DEFAULT_SOCKET
 from sandboxd.errors import PolicyError
 from sandboxd.policy.loader import LoadContext, PolicySet, _under_bad, load_policy_dir
 from sandboxd.policy.request import RequestBounds
