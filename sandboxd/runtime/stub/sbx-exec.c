@@ -296,6 +296,8 @@ static void run_init(int status_fd, int ruleset_fd)
 	sigemptyset(&sa.sa_mask);
 	for (size_t i = 0; i < N_FORWARDED; i++)
 		sigaction(forwarded[i], &sa, NULL);
+	/* Named before the fork: once the child has said W, whoever looks at pid 1 sees init. */
+	prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
 	pid_t pid = fork();
 	if (pid < 0)
 		fail("init", "fork the workload", NULL, errno);
@@ -305,6 +307,7 @@ static void run_init(int status_fd, int ruleset_fd)
 			sigaction(forwarded[i], &dfl, NULL);
 		sigprocmask(SIG_SETMASK, &old, NULL);
 		close(status_fd);
+		prctl(PR_SET_NAME, "sbx-exec", 0, 0, 0);
 		/* The program leads its own session and process group, as it did when it was init's
 		 * only child made by Python: kill(0, sig) then reaches it and its children, not init
 		 * (which would forward it a second time). */
@@ -313,7 +316,6 @@ static void run_init(int status_fd, int ruleset_fd)
 		return;
 	}
 	workload_pid = pid;
-	prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
 	/* pid 1 keeps nothing of the run open: held here, the stdio pipes and the sync socket
 	 * would keep the supervisor from seeing their ends. */
 	close(0);
