@@ -418,38 +418,3 @@ def test_abstract_unix_sockets_outside_the_domain_are_unreachable(tree: Path):
         assert res["outside"] == "ok"                              # control
     finally:
         outside.close()
-
-
-# --- with the real root: paths as seen after pivot_root ---------------------------------------------
-@pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="host lacks: root (mounts.build_root needs it in this test)")
-def test_rules_match_the_root_that_mounts_builds(tmp_path: Path):
-    """resolve() names paths inside the new root; every one of them must exist there after
-    mounts.build_root() + pivot_root, and the workload must work within them and nowhere else."""
-    from sandboxd.plan import Tmpfs
-    from sandboxd.runtime import mounts
-
-    fs = FilesystemPlan(
-        binds=(Bind("/usr", "/usr"), Bind("/lib64", "/lib64", optional=True),
-               Bind("/etc/ssl", "/etc/ssl", optional=True)),
-        tmpfs=(Tmpfs("/tmp", 1 << 20),),
-        symlinks=(("/bin", "usr/bin"), ("/lib", "usr/lib")),
-        files=(("/etc/passwd", "root:x:0:0::/:/bin/sh\n"),))
-    prepared = ll.prepare(ll.resolve(Plan(argv=("/bin/sh",), filesystem=fs), ABI))
-    script = ("cat /etc/passwd; echo hi > /tmp/x && cat /tmp/x; "
-              "cp /bin/true /tmp/t; /tmp/t; echo tmp_exec=$?; "
-              "cp /bin/true /box/t; /box/t; echo box_exec=$?; "
-              "head -c 4 /proc/self/status; echo; ls / >/dev/null 2>&1; echo ls_root=$?")
-
-    def child():
-        linux.unshare(linux.CLONE_NEWNS)
-        mounts.build_root(fs, str(tmp_path))
-        set_nnp()
-        att = ll.apply(prepared)
-        p = subprocess.run(["/bin/sh", "-c", script], capture_output=True)
-        return {"att": att, "out": p.stdout.decode(), "err": p.stderr.decode()}
-    res = in_child(child)
-    assert res["att"]["path_rules"] + len(res["att"]["skipped_optional"]) == len(prepared.paths)
-    assert res["out"].splitlines() == ["root:x:0:0::/:/bin/sh", "hi", "tmp_exec=126", "box_exec=0",
-                                       "Name", "ls_root=2"], res["err"]
-    assert "/tmp/t: Permission denied" in res["err"]

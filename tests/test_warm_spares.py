@@ -324,16 +324,16 @@ def test_runs_of_one_layout_get_their_own_argv_env_and_limits(runtime):
 
 
 def test_spares_that_keep_failing_are_retried_with_backoff():
-    """A spare that dies before its namespaces exist (here: bringing loopback up fails in every
-    init) must not be remade at once, again and again: the launcher waits longer after each
+    """A spare that dies before its namespaces exist (here: starting init fails in every
+    supervisor) must not be remade at once, again and again: the launcher waits longer after each
     failure in a row. Without that it made ~300 failing spares in 3 s here (measured)."""
     import select
-    from sandboxd.runtime import launcher, linux
+    from sandboxd.runtime import launcher, sandbox
     from sandboxd.runtime.config import RuntimeConfig
     ours, theirs = protocol.seqpacket_pair()
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:                              # the launcher, with a broken loopback_up
+    if pid == 0:                              # the launcher, with a broken spawn_init
         try:
             ours.close()
             os.close(r)
@@ -341,9 +341,9 @@ def test_spares_that_keep_failing_are_retried_with_backoff():
             import sys
             sys.stderr = open(2, "w", buffering=1, closefd=False)   # not pytest's capture
 
-            def broken():
+            def broken(*_):
                 raise OSError(12, "injected phase-A failure")
-            linux.loopback_up = broken
+            sandbox.spawn_init = broken
             launcher.run_launcher(theirs, RuntimeConfig(instance=f"backoff{os.getpid()}"))
         finally:
             os._exit(0)

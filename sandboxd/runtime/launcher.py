@@ -529,12 +529,29 @@ class Launcher:
                       seccomp_info=self._prepare_seccomp(plan, ctx),
                       landlock_info=self._prepare_landlock(plan, ctx),
                       apparmor_info=self._prepare_apparmor(plan, ctx))
+        self._encode_layout(lplan, ctx)
         lay.ctx_bytes = pickle.dumps(ctx, protocol=pickle.HIGHEST_PROTOCOL)
         if key is not None:
             self._layouts[key] = lay
             while len(self._layouts) > 16:
                 self._layouts.popitem(last=False)
         return lay
+
+    @staticmethod
+    def _encode_layout(plan: Plan, ctx: sandbox.LayoutContext) -> None:
+        """What init builds the sandbox from (once per layout): the root's ops, the identity,
+        the capabilities kept and the Landlock ruleset, as the blob init parses."""
+        from sandboxd.runtime import mounts
+        prepared = None
+        if ctx.landlock_rules is not None:
+            from sandboxd.runtime import landlock
+            prepared = landlock.prepare(ctx.landlock_rules)
+            ctx.landlock_attestation = prepared.attestation
+        ctx.layout_blob = stubgo.encode_layout(
+            root=ctx.root_mountpoint, hostname=plan.hostname, cwd=plan.cwd,
+            uid=plan.user.inside_uid, gid=plan.user.inside_gid, keep_caps=ctx.keep_caps,
+            cpu_arg=ctx.avoid_cpu, landlock=prepared,
+            ops=mounts.compile_root(plan.filesystem, ctx.root_mountpoint))
 
     def _encode_go(self, plan: Plan, layout: _Layout) -> tuple[bytes, dict]:
         """The run's part: the stub's GO frame, and the Landlock attestation with argv[0]'s rule.
@@ -1213,7 +1230,7 @@ def zygote_main(sock: socket.socket, stub_fd: int) -> None:
             try:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # it waits for its init
                 linux.close_fds_except((lsock_p.fileno(), stub_fd))
-                sandbox.supervisor_main(lsock_p, req["uid"], req["gid"])
+                sandbox.supervisor_main(lsock_p, req["uid"], req["gid"], stub_fd)
             finally:
                 os._exit(123)
         lsock_p.close()

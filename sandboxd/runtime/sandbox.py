@@ -1,29 +1,30 @@
-"""The three processes of one run, forked from the launcher.
+"""The processes of one run: a supervisor forked from the launcher, an init in C.
 
 Theory of operation. The launcher is a single-threaded Python process, so fork() is safe and
-the child may run Python until execve. Per run:
+the child may run Python. Per run:
 
-  launcher ──fork──> supervisor ──fork──> init (pid 1) ──fork──> workload ──exec──> sbx-exec ──exec──> program
+  launcher ─fork─> supervisor ─posix_spawn─> sbx-exec init ─clone(NEWUSER|NEWPID|PARENT)─> init (pid 1)
+                                             init ─fork─> workload (waits for GO) ─exec─> program
 
-* supervisor (host side): takes the run's host uid/gid (no supplementary groups), unshares
-  USER|PID and forks init, ahead of time as a spare. The launcher's host worker writes init's
-  uid/gid map and puts init into its cgroup; PLACED lets init make its namespaces; LAYOUT (a
-  LayoutContext: the plan without argv, env, limits, stdin) has init build the root, contain
-  itself and exec the stub in init mode, whose fork (the workload) waits for the run; READY
-  hands the launcher the workload's socket. At the run the launcher sends the stub its GO frame and this process START. The
-  supervisor stays outside the cgroup (its work is not charged to the workload) and runs the
-  run's event loop: output pipes -> client with caps, seccomp user notifications (denials
-  reported by name), wall/CPU deadlines, cancellation; then the result to the client and the
-  report to the launcher. Killing init kills the whole pid namespace: "kill the run" is one
-  signal.
-* init: pid 1 of the run. Phase A: unshares mount, net, ipc, uts and cgroup namespaces (cgroup
-  after the placement, so the run sees its own cgroup as /). Phase B (the layout): builds the
-  root filesystem and pivots into it, then the containment order in `contain_and_stage` (its
-  docstring lists it whole, the stub's part included) and execs sbx-exec (stub/sbx-exec.c) in
-  init mode: from then on pid 1 is C code that forwards signals, reaps orphans and reports the
-  workload's wait status. When it is killed the kernel kills everything left in the namespace,
-  so no background child outlives the run.
-* workload: init mode's fork of sbx-exec; it waits for GO and does the run's own steps.
+* supervisor (host side, Python): takes the run's host uid/gid (no supplementary groups) and
+  spawns init (spawn_init), ahead of time as a spare. The launcher's host worker writes init's
+  uid/gid map and puts init into its cgroup; PLACED lets init make its namespaces; LAYOUT (the
+  LayoutContext's blob: everything of the plan but argv, env, limits, stdin) has init build
+  the root, contain itself and fork the workload, which waits for the run; READY hands the
+  launcher the workload's socket. At the run the launcher sends the workload its GO frame and
+  this process START. The supervisor stays outside the cgroup (its work is not charged to the
+  workload) and runs the run's event loop: output pipes -> client with caps, seccomp user
+  notifications (denials reported by name), wall/CPU deadlines, cancellation; then the result
+  to the client and the report to the launcher. Killing init kills the whole pid namespace:
+  "kill the run" is one signal.
+* init: pid 1 of the run, C from its first instruction (stub/sbx-exec.c, build_main): no copy
+  of the interpreter is made, written to or torn down for it. Phase A unshares mount, net, ipc,
+  uts and cgroup namespaces (cgroup after the placement, so the run sees its own cgroup as /).
+  Phase B (the layout) builds the root filesystem (mounts.compile_root's ops) and pivots into
+  it, then the containment order below; then it stays pid 1: forwards signals, reaps orphans,
+  reports the workload's wait status. When it is killed the kernel kills everything left in
+  the namespace, so no background child outlives the run.
+* workload: init's fork; it waits for GO and does the run's own steps (sbx-exec.c, workload()).
 
 Every channel is a CLOEXEC pipe or socket; each process closes what it does not need at once.
 """
@@ -45,11 +46,12 @@ from typing import Any
 
 from sandboxd.errors import LaunchError, SandboxError
 from sandboxd.plan import Limits, Plan
-from sandboxd.runtime import apparmor, caps, landlock, linux, mounts, protocol, result, seccomp, stubgo
+from sandboxd.runtime import apparmor, linux, protocol, result, seccomp, stubgo
 
-# Everything the children use is imported here, in the launcher: after pivot_root the package's
-# files are out of reach, so a child can import nothing.
-import fcntl  # noqa: E402,F401  (place_fds)
+# Everything the supervisor uses is imported here, in the launcher: it is forked, and an import
+# there would cost every run (landlock: unpickling a LayoutContext needs LandlockRules).
+import fcntl  # noqa: E402  (spawn_init)
+from sandboxd.runtime import landlock  # noqa: E402,F401
 
 SYNC_FD = 3            # the workload's sync socket sits here; seccomp's sendmsg exception names it
 OUTPUT_CHUNK = 65536
@@ -62,7 +64,7 @@ class LayoutContext:
     layout; the spare builds the root and stages the workload with it before any run exists.
 
     It travels over the launcher's own sockets to its own forked children (same code, same
-    trust). Only plain values cross; ctypes structures are built in the workload from them."""
+    trust). Only plain values cross."""
 
     plan: Plan                          # the plan that defined the layout; only layout fields are used
     keep_caps: int
@@ -73,13 +75,8 @@ class LayoutContext:
     stub_fd: int = -1                   # O_PATH fd of sbx-exec, inherited from the launcher
     avoid_cpu: str = ""                 # "CPU:SET": the staged stub waits off the launcher's CPU and
                                         # takes SET back before the run ("": stays as it is)
-    # Built in the workload (never pickled): the Landlock rules as ctypes structures.
-    landlock_prepared: Any = None
-
-    def __getstate__(self) -> dict:
-        d = dict(self.__dict__)
-        d["landlock_prepared"] = None
-        return d
+    layout_blob: bytes = b""            # what init builds the sandbox from (stubgo.encode_layout)
+    landlock_attestation: Any = None    # the ruleset's attestation but for init's counts; None: no rules
 
 
 @dataclass
@@ -104,87 +101,21 @@ class RunStart:
 
 
 # ---------------------------------------------------------------------------------------------
-# the containment order (init's last steps, then the stub's). Each step's position matters.
+# the containment order: init's steps ahead of the run, then the workload's at the run. Each
+# step's position matters. Both are C (stub/sbx-exec.c): init is the stub's build mode
+# (build_main), the workload its fork (workload()).
+#
+#   init (pid 1), ahead of the run        the workload, at the run
+#   0 signals default, mask empty         7  stdin to fd 0
+#     (posix_spawn)                       8  rlimits
+#   1 root built, pivoted; non-dumpable   9  resolve argv[0] in PATH
+#   2 setsid                              10 AppArmor: profile at the next execve
+#   3 chdir to the plan's cwd             11 Landlock: argv[0]'s file rule, restrict_self
+#   4 drop capabilities                   12 seccomp filter (last)
+#   5 no_new_privs                        13 read back status/limits; EXEC + listener; execve
+#   6 Landlock ruleset built (not yet enforced), STAGED; fork the workload
+# The split is for speed: everything left of it is done while the spare waits.
 # ---------------------------------------------------------------------------------------------
-def contain_and_stage(ctx: LayoutContext, sync: socket.socket) -> None:
-    """Runs in the spare's init (pid 1) with stdio, the sync socket and the status pipe in place
-    (fds 0-3, STATUS_FD), inside the new root. It execs sbx-exec in init mode, which stays pid 1
-    (reaps, forwards signals, reports the workload's status) and forks the workload, which goes
-    on with the stub's steps. Both are contained by the steps here: pid 1 keeps no capability.
-    The whole order, this function's steps then sbx-exec's (stub/sbx-exec.c):
-
-      Python, ahead of the run      sbx-exec, at the run
-      1 reset signal dispositions   7  stdin to fd 0
-      2 setsid                      8  rlimits
-      3 chdir to the plan's cwd     9  resolve argv[0] in PATH
-      4 drop capabilities           10 AppArmor: profile at the next execve
-      5 no_new_privs                11 Landlock: argv[0]'s file rule, restrict_self
-      6 Landlock ruleset built      12 seccomp filter (last)
-        (not yet enforced)          13 read back status/limits; EXEC + listener; execve
-    The split is for speed: everything left of it is done while the spare waits; execve from
-    the small static stub costs a fraction of execve from a fork of Python."""
-    plan = ctx.plan
-    reset_signals()                                # Python ignores SIGPIPE and SIGXFSZ; programs must not
-    os.setsid()                                    # new session: no TIOCSTI into a terminal
-    try:
-        os.chdir(plan.cwd)
-    except OSError as e:
-        raise LaunchError("chdir to working directory", step="chdir", path=plan.cwd, errno=e.errno) from None
-    caps.drop_to(ctx.keep_caps, plan.user.inside_uid, plan.user.inside_gid)
-    linux.set_no_new_privs()                       # before Landlock and seccomp: both need it unprivileged,
-                                                   # and setuid binaries can no longer regain anything
-    ruleset_fd, landlock_att = -1, None
-    if ctx.landlock_prepared is not None:          # after pivot_root: rules name paths of the new root
-        ruleset_fd, landlock_att = landlock.build_ruleset(ctx.landlock_prepared)
-    att = {"status": _read("/proc/self/status"), "ns": _ns_ids(), "landlock": landlock_att}
-    protocol.send(sync, protocol.STAGED, att)
-    # The stub inherits exactly: stdio, the sync socket (3), the Landlock ruleset (4) and the
-    # status pipe (5); pid 1 closes all but the last, the workload the last and makes the
-    # others close-on-exec again before the program's execve.
-    os.set_inheritable(SYNC_FD, True)
-    if ruleset_fd >= 0:
-        if ruleset_fd != stubgo.RULESET_FD:
-            os.dup2(ruleset_fd, stubgo.RULESET_FD)
-            os.close(ruleset_fd)
-        os.set_inheritable(stubgo.RULESET_FD, True)
-    try:
-        os.execve(ctx.stub_fd, ["sbx-exec", str(stubgo.RULESET_FD) if ruleset_fd >= 0 else "-",
-                                ctx.avoid_cpu or "-", str(stubgo.STATUS_FD)], {})
-    except OSError as e:
-        raise LaunchError("execve sbx-exec (the runtime's exec stub)", step="stub", errno=e.errno) from None
-
-
-def place_fds(stdin_fd: int, out_fd: int, err_fd: int, sync_fd: int, status_fd: int,
-              keep: int = -1) -> socket.socket:
-    """stdin/stdout/stderr to 0-2, the sync socket to SYNC_FD, the status pipe to STATUS_FD
-    (inheritable), every other fd but `keep` (the stub's O_PATH fd, close-on-exec) closed."""
-    # Move everything high first so no dup2 can clobber a source that sits on a low number.
-    hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64)
-          for fd in (stdin_fd, out_fd, err_fd, sync_fd, status_fd)]
-    for i in range(3):
-        os.dup2(hi[i], i, inheritable=True)
-    os.dup2(hi[3], SYNC_FD, inheritable=False)
-    os.dup2(hi[4], stubgo.STATUS_FD, inheritable=True)
-    linux.close_fds_except((SYNC_FD, stubgo.STATUS_FD, keep))   # nothing of ours leaks into the program
-    return socket.socket(fileno=SYNC_FD)
-
-
-def reset_signals() -> None:
-    """Default dispositions and an empty mask, as a program started from a shell expects.
-
-    Ignored signals survive execve: without this a workload inherits Python's SIG_IGN for
-    SIGPIPE (writers to a closed pipe spin on EPIPE) and SIGXFSZ (the file size limit would
-    become EFBIG instead of the signal the verdict relies on)."""
-    for sig in range(1, signal.NSIG):
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass                                   # 32/33: glibc-reserved real-time signals
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
-
 def _read(path: str) -> str:
     try:
         with open(path) as f:
@@ -193,112 +124,48 @@ def _read(path: str) -> str:
         return ""
 
 
-def _ns_ids() -> dict[str, str]:
-    out = {}
-    for ns in ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup"):
+INIT_SOCK_FD = 6       # init's end of the init socket while it is set up (sbx-exec.c: ISOCK_FD)
+
+
+def spawn_init(stub_fd: int, out_w: int, err_w: int, sync_c: int, status_w: int,
+               isock_c: int) -> int:
+    """Start the run's init: posix_spawn (vfork + exec: nothing of this interpreter is copied
+    or torn down) of `sbx-exec init`, which clones pid 1 of new user and pid namespaces as our
+    child and exits. Returns init's pid (it said so on the init socket)."""
+    # Sources out of the way of the numbers they go to, so no dup2 clobbers another's source.
+    hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in (out_w, err_w, sync_c, status_w, isock_c)]
+    devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        targets = (1, 2, SYNC_FD, stubgo.STATUS_FD, INIT_SOCK_FD)
+        actions = [(os.POSIX_SPAWN_DUP2, devnull, 0)]
+        actions += [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in zip(hi, targets)]
         try:
-            out[ns] = os.readlink(f"/proc/self/ns/{ns}")
-        except OSError:
-            out[ns] = "?"
-    return out
+            pid = os.posix_spawn(f"/proc/self/fd/{stub_fd}", ["sbx-exec", "init"], {},
+                                 file_actions=actions, setsigmask=(),
+                                 setsigdef=_ALL_SIGNALS)
+        except OSError as e:
+            raise LaunchError("spawn the run's init (sbx-exec init)", step="init", errno=e.errno) from None
+    finally:
+        for fd in hi + [devnull]:
+            os.close(fd)
+    return pid
 
 
-# ---------------------------------------------------------------------------------------------
-# init: pid 1 of the run
-# ---------------------------------------------------------------------------------------------
-def init_main(isock: socket.socket, out_w: int, err_w: int, status_w: int,
-              sync_c: socket.socket) -> None:
-    """pid 1 of the run, until it execs sbx-exec in init mode (which stays pid 1: it forwards
-    signals, reaps, reports the workload's status). Phase A runs ahead of time (a spare):
-    everything that does not depend on the plan. Phase B runs when the layout arrives (still
-    ahead of the run)."""
-    linux.set_name(b"sbx-init")
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="init")
-    # -- phase A: the launcher has written our uid/gid map and put us in our cgroup. EOF at any
-    # wait below means this spare was retired.
-    kind, payload, _ = protocol.recv(isock)
-    if kind != protocol.PLACED:
-        os._exit(0)
-    setup = json.loads(payload)
-    try:
-        # Become the workload's inside identity (mapped); keep every capability of this user
-        # namespace for the setup below. Files we create must have a mapped owner.
-        linux.prctl(linux.PR_SET_KEEPCAPS, 1, step="init")
-        os.setresgid(setup["gid"], setup["gid"], setup["gid"])
-        os.setresuid(setup["uid"], setup["uid"], setup["uid"])
-        full = (1 << (caps.last_cap() + 1)) - 1
-        linux.capset(full, full, 0)
-        flags = linux.CLONE_NEWNS | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWCGROUP
-        if setup["net"]:
-            flags |= linux.CLONE_NEWNET
-        linux.unshare(flags)                       # cgroup ns after the placement: the run's cgroup is its /
-        # No user namespaces below this one: with it, a workload could get a full set of
-        # capabilities there again (only seccomp would stand in the way). The limit is the run's
-        # own (user sysctls are per user namespace) and /proc/sys is read-only inside.
-        linux.write_file("/proc/sys/user/max_user_namespaces", "0", step="init(max_user_namespaces)")
-        if setup["net"]:
-            linux.loopback_up()
-        os.chdir("/")                              # so pivot_root moves our cwd too
-        # Until now /proc/<init>/ns/net was the host's: the launcher plugs a segment into it
-        # only after this.
-        protocol.send(isock, protocol.NAMESPACED)
-    except (SandboxError, OSError) as e:
-        _init_failed(sync_c, e)
-
-    # -- phase B: the layout. Build the root, contain this process and exec the stub in init
-    # mode: it stays pid 1 and forks the workload, which waits for the run in the stub.
-    kind, payload, _ = protocol.recv(isock)
-    if kind != protocol.LAYOUT:
-        os._exit(0)
-    isock.close()
-    sync = sync_c
-    try:
-        ctx: LayoutContext = pickle.loads(payload)
-        plan = ctx.plan
-        linux.sethostname(plan.hostname)
-        mounts.build_root(plan.filesystem, ctx.root_mountpoint)
-        # Until the stub's own prctl after its exec, and for good: the workload cannot ptrace
-        # its init or read /proc/1.
-        linux.prctl(linux.PR_SET_DUMPABLE, 0, step="init")
-        if ctx.landlock_rules is not None:         # ctypes structures for the ruleset
-            ctx.landlock_prepared = landlock.prepare(ctx.landlock_rules)
-        # Out of the way of the fd numbers place_fds fills.
-        ctx.stub_fd = fcntl.fcntl(ctx.stub_fd, fcntl.F_DUPFD_CLOEXEC, 64)
-        # stdin is the run's; until it comes, /dev/null (the new root's) holds the place.
-        devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        sync = place_fds(devnull, out_w, err_w, sync_c.fileno(), status_w, keep=ctx.stub_fd)
-        contain_and_stage(ctx, sync)
-    except SandboxError as e:
-        _report_error(sync, e)
-    except BaseException as e:  # noqa: BLE001 - never return into the launcher's code
-        _report_error(sync, LaunchError(repr(e), step="init"))
-    os._exit(125)
-
-
-def _init_failed(sync_c: socket.socket, e: Exception) -> None:
-    """init could not set the sandbox up: report the step, the object and the errno; exit."""
-    err = e if isinstance(e, SandboxError) else LaunchError(str(e), step="init",
-                                                             errno=getattr(e, "errno", None))
-    _report_error(sync_c, err)
-    os._exit(125)
-
-
-def _report_error(sync: socket.socket, e: SandboxError) -> None:
-    try:
-        protocol.send(sync, protocol.ERROR, e.to_dict())
-    except OSError:
-        pass
+# Every catchable signal back to its default in init: Python ignores SIGPIPE and SIGXFSZ, and an
+# ignored signal survives execve (writers to a closed pipe would spin on EPIPE; the file size
+# limit would become EFBIG instead of the signal the verdict relies on).
+_ALL_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
 # ---------------------------------------------------------------------------------------------
 # supervisor
 # ---------------------------------------------------------------------------------------------
-def supervisor_main(lsock: socket.socket, host_uid: int, host_gid: int) -> None:
+def supervisor_main(lsock: socket.socket, host_uid: int, host_gid: int, stub_fd: int) -> None:
     """Runs in the fork of the launcher; never returns."""
     linux.set_name(b"sbx-supervisor")
     code = 0
     try:
-        code = _supervise(lsock, host_uid, host_gid)
+        code = _supervise(lsock, host_uid, host_gid, stub_fd)
     except BaseException as e:  # noqa: BLE001
         try:
             err = e if isinstance(e, SandboxError) else LaunchError(repr(e), step="supervisor")
@@ -328,16 +195,15 @@ class _Run:
         self.cgroup: Any = None            # the run's RunCgroup, from PLACED
 
 
-def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
+def _supervise(lsock: socket.socket, host_uid: int, host_gid: int, stub_fd: int) -> int:
     if os.geteuid() == 0:
-        # Become the run's host identity before making its user namespace: the namespace's
+        # Become the run's host identity before init makes its user namespace: the namespace's
         # owner is then the run's uid, so per-user kernel counts of everything inside (inotify
         # instances and watches, message queues, pending signals) are the run's, not host root's.
         os.setgroups([])                           # host root's groups must not follow into the sandbox
         os.setresgid(host_gid, host_gid, host_gid)
         os.setresuid(host_uid, host_uid, host_uid)
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL, step="supervisor")   # after: a uid change clears it
-    linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWPID)
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -345,21 +211,21 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
     sync_p.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)   # learn the workload's host pid
     isock_p, isock_c = protocol.seqpacket_pair()
 
-    ipid = os.fork()
-    if ipid == 0:
-        try:
-            lsock.close()
-            isock_p.close()
-            for fd in (out_r, err_r, status_r):
-                os.close(fd)
-            sync_p.close()
-            init_main(isock_c, out_w, err_w, status_w, sync_c)
-        finally:
-            os._exit(124)
+    spid = spawn_init(stub_fd, out_w, err_w, sync_c.fileno(), status_w, isock_c.fileno())
     for fd in (out_w, err_w, status_w):
         os.close(fd)
     sync_c.close()
     isock_c.close()
+    kind, payload, _ = protocol.recv(isock_p)      # "F<pid>": init, our child (CLONE_PARENT)
+    os.waitpid(spid, 0)
+    if kind != b"F":
+        st = _Run()                                # its error, if it said one, is on the sync socket
+        while st.launch_error is None and _on_sync(None, sync_p, st, lsock, drain=True):
+            pass
+        protocol.send(lsock, protocol.REPORT, {"launch_error": st.launch_error or LaunchError(
+            "sbx-exec init ended before starting init", step="init").to_dict()})
+        return 0
+    ipid = int(payload)
     pidfd = linux.pidfd_open(ipid)
     protocol.send(lsock, protocol.FORKED, {"init_pid": ipid})
     # The launcher maps init's ids and places it in its cgroup, then says PLACED: init may go
@@ -369,8 +235,9 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         return 0
     placed = pickle.loads(payload)
     cgroup = placed.pop("cgroup")                  # the run's cgroup: CPU polled, numbers read
-    protocol.send(isock_p, protocol.PLACED, placed)
     try:
+        protocol.send(isock_p, protocol.PLACED,
+                      f"{placed['uid']} {placed['gid']} {1 if placed['net'] else 0}".encode())
         kind, _, _ = protocol.recv(isock_p)
     except OSError:
         kind = b""
@@ -384,16 +251,26 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int) -> int:
         return 0
     protocol.send(lsock, protocol.NAMESPACED)
 
-    # The layout: init builds the root, contains itself and execs the stub, whose fork (the
-    # workload) waits for GO. Then
-    # this spare is ready; wait for a run (a spare may wait long). EOF: retired, and init dies
-    # with us.
+    # The layout: init builds the root, contains itself and forks the workload, which waits for
+    # GO. Then this spare is ready; wait for a run (a spare may wait long). EOF: retired, and
+    # init dies with us. Init dying first (killed from outside) is said at once, so the
+    # launcher retires this spare instead of giving it a layout and a run.
+    with selectors.DefaultSelector() as waiting:
+        waiting.register(lsock, selectors.EVENT_READ, "launcher")
+        waiting.register(pidfd, selectors.EVENT_READ, "init")
+        if "launcher" not in {key.data for key, _ in waiting.select()}:
+            protocol.send(lsock, protocol.REPORT, {"launch_error": LaunchError(
+                "the spare's init ended before its layout came", step="spare").to_dict()})
+            return 0
     kind, payload, _ = protocol.recv(lsock)
     if kind != protocol.LAYOUT:
         return 0
-    protocol.send(isock_p, protocol.LAYOUT, payload)
-    isock_p.close()
     ctx: LayoutContext = pickle.loads(payload)
+    try:
+        protocol.send(isock_p, protocol.LAYOUT, ctx.layout_blob)
+    except OSError:
+        pass                                       # init is gone: the sync socket's EOF says so below
+    isock_p.close()
     st = _Run()
     # Blocking is fine: init and the workload either stage or report an error, and a failed
     # init takes its pid namespace (and this socket's other ends) with it.
@@ -774,7 +651,14 @@ def _on_sync(ctx: "LayoutContext | None", sync_p: socket.socket, st: _Run, lsock
         st.launch_error = json.loads(payload)
         return True
     if kind == protocol.STAGED:
-        st.attestation.update(json.loads(payload))
+        att = json.loads(payload)
+        counts = att.get("landlock")
+        # init sends the ruleset's counts; what the rules are was decided in the launcher.
+        if ctx is None or ctx.landlock_attestation is None:
+            att["landlock"] = None
+        else:
+            att["landlock"] = dict(ctx.landlock_attestation, **(counts or {}))
+        st.attestation.update(att)
         st.staged = True
         return True
     if kind == protocol.WAITING:

@@ -114,3 +114,42 @@ def encode(plan: Plan, *, bpf: bytes | None, seccomp_flags: int, landlock: bool,
 def _u64(v: int) -> int:
     """Python's RLIM_INFINITY is -1; the kernel's is all ones."""
     return resource.RLIM_INFINITY & 0xFFFFFFFFFFFFFFFF if v < 0 else v
+
+
+LAYOUT_MAGIC = "SBXL1"
+MAX_LAYOUT = 1 << 17     # the stub's buffer for the LAYOUT frame, its kind byte included
+
+
+def encode_layout(*, root: str, hostname: str, cwd: str, uid: int, gid: int, keep_caps: int,
+                  cpu_arg: str, landlock: Any, ops: list[tuple]) -> bytes:
+    """The blob the run's init (sbx-exec init, build_main) builds the sandbox from: made once per
+    layout by the launcher. `landlock`: a landlock.Prepared whose ruleset init builds, or None;
+    `ops`: mounts.compile_root's. Strings, numbers in decimal, each NUL-terminated."""
+    out: list[str | int] = [LAYOUT_MAGIC, root, hostname, cwd, uid, gid, keep_caps, cpu_arg or "-"]
+    if landlock is None or landlock.attr is None:
+        out.append(0)
+    else:
+        a = landlock.attr
+        out += [1, landlock.attr_size, a.handled_access_fs, a.handled_access_net, a.scoped,
+                len(landlock.paths)]
+        for e in landlock.paths:
+            out += [e.display, e.dir_access, e.file_access, int(e.optional)]
+        out.append(len(landlock.ports))
+        for p in landlock.ports:
+            out += [p.port, p.allowed_access]
+    out.append(len(ops))
+    for op in ops:
+        out.extend(op)
+    parts = []
+    for v in out:
+        s = str(v) if isinstance(v, int) else v
+        if "\0" in s:
+            from sandboxd.errors import PlanError
+            raise PlanError(f"layout string holds a NUL byte: {s[:40]!r}", step="plan")
+        parts.append(s.encode() + b"\0")
+    blob = b"".join(parts)
+    if len(blob) + 1 > MAX_LAYOUT:
+        from sandboxd.errors import PlanError
+        raise PlanError(f"sandbox layout too large ({len(blob)} bytes encoded, at most {MAX_LAYOUT - 1})",
+                        step="plan")
+    return blob

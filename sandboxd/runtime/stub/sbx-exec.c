@@ -1,20 +1,21 @@
 /*
- * sbx-exec: the last steps of a sandboxd run, in a process whose memory is small.
+ * sbx-exec: a sandboxd run's init and its workload, in a process whose memory is small.
  *
- * Why this exists. A run's init is a fork of the Python launcher. Its containment (namespaces,
- * root, capabilities, no_new_privs, the Landlock ruleset) is done in Python ahead of time, in a
- * spare. But execve() from a forked Python process first tears down a copy-on-write image of
- * the whole interpreter (about a millisecond here), and that would sit on every run's path. So
- * the spare's init execs this small static program while it is still a spare (in init mode,
- * below: it stays pid 1 and forks the workload), and the workload waits for the run and does
- * only what depends on it:
+ * Why this exists. The supervisor of a run is a fork of the Python launcher. A process forked
+ * from it pays for the interpreter it copies: page tables copied at fork, a page copied at
+ * each first write (a reference count is one), the whole image torn down at execve or exit.
+ * Measured here that was about a third of a run's CPU, so no process of the sandbox is Python:
+ * the supervisor posix_spawns this program ("sbx-exec init", build mode, build_main below),
+ * which clones the run's init; init sets the sandbox up from a blob the launcher compiled once
+ * per layout, stays pid 1 and forks the workload, which waits for the run and does only what
+ * depends on it:
  *
  *   1. receive the GO message (below) and the run's stdin on fd 3 (the sync socket)
  *   2. stdin to fd 0
  *   3. rlimits (lowering needs no capability; the hard limits were never raisable here)
  *   4. resolve the executable in PATH (inside the new root)
  *   5. AppArmor: ask for the profile at the next execve (before Landlock: /proc becomes read-only)
- *   6. Landlock: add the rule for argv[0] to the ruleset the Python side built (fd 4), restrict
+ *   6. Landlock: add the rule for argv[0] to the ruleset init built (fd 4), restrict
  *   7. seccomp: install the filter compiled by the launcher; LAST: after it come only read()
  *      (of the two /proc files opened at start), sendmsg() on fd 3 (the one rule the compiler
  *      adds) and execve
@@ -26,15 +27,14 @@
  *      so the microseconds of steps 2-9 count as the run's CPU time.
  *
  * Any failure sends ERROR (a JSON SandboxError naming the step, path and errno) and exits 127.
- * Started as: sbx-exec <ruleset-fd or -> [<CPU>:<SET> or -] [<status-fd> or -], with fds 0-2
- * the stdio, 3 the sync socket.
+ * Started as "sbx-exec init" (build mode: every run), or directly, for tests and debugging, as
+ * sbx-exec <ruleset-fd or -> [<CPU>:<SET> or -] [<status-fd> or -], with fds 0-2 the stdio, 3
+ * the sync socket: with a status fd, this process becomes an init (run_init) as build mode's
+ * does; without, it is the workload itself.
  *
- * Init mode (a status fd given): the Python side that execs us is the run's pid 1 (it built the
- * root and contained itself: no capabilities, no_new_privs). Then this program is the run's
- * init from here on (run_init): it forks, the child goes on with the steps above, and pid 1
- * only forwards signals to it, reaps every process, writes the child's wait status to the
- * status fd once it ends, and waits to be killed by the supervisor. So no Python process is
- * left in the sandbox once a spare is staged, and none is forked for the workload.
+ * Init (run_init) only forwards signals to the workload, reaps every process, writes the
+ * workload's wait status to the status fd once it ends, and waits to be killed by the
+ * supervisor.
  *
  * While the workload waits for GO, the launcher's CPU (CPU) is left out of its affinity (see
  * avoid_cpu); before step 2 its affinity is SET again, the CPUs the launcher was started with.
@@ -59,6 +59,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <signal.h>
+#include <linux/capability.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/resource.h>
@@ -120,10 +124,13 @@ static void fail(const char *step, const char *message, const char *path, int er
 	char m[2048], p[4096];
 	json_escape(m, sizeof m, message);
 	json_escape(p, sizeof p, path);
+	char e[16] = "null";       /* 0: no errno (a check failed, not a call) */
+	if (err)
+		snprintf(e, sizeof e, "%d", err);
 	int n = snprintf(frame, sizeof frame,
 			 "E{\"kind\":\"LaunchError\",\"message\":\"%s\",\"step\":\"%s\","
-			 "\"path\":%s%s%s,\"errno\":%d,\"hint\":null}",
-			 m, step, path ? "\"" : "", path ? p : "null", path ? "\"" : "", err);
+			 "\"path\":%s%s%s,\"errno\":%s,\"hint\":null}",
+			 m, step, path ? "\"" : "", path ? p : "null", path ? "\"" : "", e);
 	struct iovec iov = {frame, n > 0 && (size_t)n < sizeof frame ? (size_t)n : sizeof frame - 1};
 	struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
 	sendmsg(SYNC_FD, &mh, MSG_NOSIGNAL);
@@ -358,14 +365,569 @@ static void run_init(int status_fd, int ruleset_fd)
 	}
 }
 
-int main(int argc, char **argv)
+/* ---------------------------------------------------------------------------------------------
+ * Build mode: the run's init, from its clone to the workload's fork (started as "sbx-exec init").
+ *
+ * The supervisor (Python, the run's host uid) posix_spawns this program (vfork + exec: no copy
+ * of the interpreter is made or torn down) with fds 0 /dev/null, 1-2 the output pipes, 3 the
+ * sync socket, 5 the status pipe and 6 the init socket. Then:
+ *
+ *   spawn_init  clone(NEWUSER|NEWPID|PARENT): the child is pid 1 of a new pid namespace, holds
+ *               every capability of a new user namespace owned by the run's uid, and is the
+ *               supervisor's child (CLONE_PARENT), so its parent-death signal is the
+ *               supervisor's death. This process sends "F<pid>" on fd 6 and exits.
+ *   phase A     (after the launcher mapped our ids and placed us in the cgroup: PLACED
+ *               "<uid> <gid> <net>") become the inside ids keeping the capabilities; unshare
+ *               mount, ipc, uts, cgroup (and net) namespaces; no user namespaces below this one;
+ *               loopback up; send NAMESPACED.
+ *   phase B     (LAYOUT: the blob stubgo.encode_layout made once per layout) hostname, the root
+ *               (the ops mounts.compile_root made, run in order), non-dumpable, then the
+ *               containment order of sandbox.py's docstring: /dev/null as stdin, setsid, cwd,
+ *               capabilities dropped, no_new_privs, the Landlock ruleset built (not enforced);
+ *               STAGED with the namespace ids and the ruleset's counts; then run_init: this
+ *               process stays pid 1 and its fork waits for GO in workload().
+ *
+ * Layout blob: NUL-terminated strings, numbers in decimal:
+ *   "SBXL1" root hostname cwd uid gid keep_caps cpu-arg
+ *   landlock: "0" | "1" attr_size handled_fs handled_net scoped
+ *             n_paths {path dir_access file_access optional}* n_ports {port access}*
+ *   n_ops, then each op: its name and its arguments (see run_op).
+ */
+#define ISOCK_FD 6
+#define MAX_LAYOUT (1u << 17)
+
+static unsigned char lay[MAX_LAYOUT];
+static size_t lay_len, lay_pos;
+
+static const char *lay_str(void)
 {
-	int ruleset_fd = -1;
-	if (argc > 1 && strcmp(argv[1], "-") != 0)
-		ruleset_fd = atoi(argv[1]);
-	if (argc > 3 && strcmp(argv[3], "-") != 0)
-		run_init(atoi(argv[3]), ruleset_fd); /* returns in the workload */
-	int restore = avoid_cpu(argc > 2 ? argv[2] : NULL);
+	if (lay_pos >= lay_len)
+		fail("init", "layout: cut short", NULL, EINVAL);
+	char *s = (char *)lay + lay_pos;
+	char *end = memchr(s, 0, lay_len - lay_pos);
+	if (!end)
+		fail("init", "layout: unterminated string", NULL, EINVAL);
+	lay_pos += (size_t)(end - s) + 1;
+	return s;
+}
+
+static unsigned long long lay_num(void)
+{
+	const char *s = lay_str();
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (!*s || *end || errno)
+		fail("init", "layout: bad number", s, EINVAL);
+	return v;
+}
+
+/* One frame from the supervisor on the init socket. EOF: the spare was retired; exit quietly. */
+static size_t recv_isock(void *buf, size_t room, char kind)
+{
+	ssize_t n;
+	do {
+		n = recv(ISOCK_FD, buf, room, 0);
+	} while (n < 0 && errno == EINTR);
+	if (n <= 0 || ((char *)buf)[0] != kind)
+		_exit(0);
+	if ((size_t)n == room)
+		fail("init", "init socket: frame too large", NULL, EMSGSIZE);
+	return (size_t)n;
+}
+
+static void write_file(const char *path, const char *data, const char *step)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	size_t n = strlen(data);
+	if (fd < 0 || write(fd, data, n) != (ssize_t)n)
+		fail(step, "write", path, errno);
+	close(fd);
+}
+
+static void loopback_up(void)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	strcpy(ifr.ifr_name, "lo");
+	if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) != 0)
+		fail("network", "bring loopback up", "lo", errno);
+	ifr.ifr_flags |= IFF_UP;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) != 0)
+		fail("network", "bring loopback up", "lo", errno);
+	close(s);
+}
+
+static int last_cap(void)
+{
+	char b[16] = {0};
+	int fd = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || read(fd, b, sizeof b - 1) <= 0)
+		fail("capabilities", "read cap_last_cap", "/proc/sys/kernel/cap_last_cap", errno);
+	close(fd);
+	return atoi(b);
+}
+
+static void set_caps(uint64_t eff, uint64_t prm, uint64_t inh)
+{
+	struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct d[2] = {
+		{(uint32_t)eff, (uint32_t)prm, (uint32_t)inh},
+		{(uint32_t)(eff >> 32), (uint32_t)(prm >> 32), (uint32_t)(inh >> 32)}};
+	if (syscall(SYS_capset, &h, d) != 0)
+		fail("capset", "capset", NULL, errno);
+}
+
+static uint64_t permitted_caps(void)
+{
+	struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct d[2];
+	if (syscall(SYS_capget, &h, d) != 0)
+		fail("capset", "capget", NULL, errno);
+	return (uint64_t)d[0].permitted | (uint64_t)d[1].permitted << 32;
+}
+
+static void set_ids(uid_t uid, gid_t gid)
+{
+	if (setresgid(gid, gid, gid) != 0 || setresuid(uid, uid, uid) != 0) {
+		char m[96];
+		snprintf(m, sizeof m, "switch to uid %u gid %u", (unsigned)uid, (unsigned)gid);
+		fail("identity", m, NULL, errno);
+	}
+}
+
+/* -- the root ------------------------------------------------------------------------------ */
+#define MOUNT_ATTR_RDONLY_ 0x1
+#define MOUNT_ATTR_NOSUID_ 0x2
+#define MOUNT_ATTR_NODEV_ 0x4
+#define MOUNT_ATTR_NOEXEC_ 0x8
+#define AT_RECURSIVE_ 0x8000
+#define SYS_mount_setattr_ 442
+
+struct mount_attr_ {
+	uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+
+static const char *root; /* the new root's mountpoint (a host path), until pivot_root */
+
+static void setattr(const char *path, uint64_t attrs, int recursive)
+{
+	struct mount_attr_ a = {attrs, 0, 0, 0};
+	if (syscall(SYS_mount_setattr_, AT_FDCWD, path, recursive ? AT_RECURSIVE_ : 0, &a, sizeof a))
+		fail("mount", "mount_setattr (read-only/nosuid/nodev)", path, errno);
+}
+
+static void do_mount(const char *src, const char *tgt, const char *fstype, unsigned long flags,
+		     const char *data)
+{
+	if (mount(src, tgt, fstype, flags, data) != 0) {
+		char m[8400];
+		snprintf(m, sizeof m, "mount %s %s -> %s flags=%#lx", fstype ? fstype : "bind",
+			 src ? src : "", tgt, flags);
+		fail("mount", m, tgt, errno);
+	}
+}
+
+/* root + target into full, creating every missing component (directories; the last one a file
+ * when !is_dir) and refusing any that is a symlink: a bound host directory could hold one that
+ * points elsewhere, and a mount must never land outside the new root. */
+static void ensure(const char *target, int is_dir, char *full, size_t room)
+{
+	size_t n = strlen(root);
+	if (n + strlen(target) + 1 >= room)
+		fail("mount", "mount target too long", target, ENAMETOOLONG);
+	memcpy(full, root, n + 1);
+	const char *p = target;
+	while (*p) {
+		while (*p == '/')
+			p++;
+		if (!*p)
+			break;
+		size_t l = strcspn(p, "/");
+		full[n++] = '/';
+		memcpy(full + n, p, l);
+		n += l;
+		full[n] = 0;
+		p += l;
+		int last = p[strspn(p, "/")] == 0;
+		struct stat st;
+		if (lstat(full, &st) == 0) {
+			if (S_ISLNK(st.st_mode))
+				fail("mount", "mount target traverses a symlink", target, 0);
+			continue;
+		}
+		if (errno != ENOENT)
+			fail("mount", "create mountpoint", target, errno);
+		if (last && !is_dir) {
+			int fd = open(full, O_CREAT | O_WRONLY | O_CLOEXEC | O_NOFOLLOW, 0644);
+			if (fd < 0)
+				fail("mount", "create mountpoint", target, errno);
+			close(fd);
+		} else if (mkdir(full, 0755) != 0) {
+			fail("mount", "create mountpoint", target, errno);
+		}
+	}
+}
+
+static void in_root(const char *target, char *full, size_t room)
+{
+	if (snprintf(full, room, "%s%s", root, target) >= (int)room)
+		fail("mount", "path too long", target, ENAMETOOLONG);
+}
+
+#define B_WRITABLE 1u
+#define B_OPTIONAL 2u
+#define B_DEVICE 4u
+
+/* One op of mounts.compile_root. Targets are inside the new root (checked there: absolute,
+ * normalised, no ".."); sources are host paths. */
+static void run_op(const char *op)
+{
+	static char full[4096];
+	if (strcmp(op, "mount") == 0) {            /* src tgt fstype flags data ("" = NULL) */
+		const char *src = lay_str(), *tgt = lay_str(), *fstype = lay_str();
+		unsigned long flags = (unsigned long)lay_num();
+		const char *data = lay_str();
+		do_mount(*src ? src : NULL, tgt, *fstype ? fstype : NULL, flags, *data ? data : NULL);
+	} else if (strcmp(op, "symlink") == 0) {   /* link target */
+		const char *link = lay_str(), *tgt = lay_str();
+		in_root(tgt, full, sizeof full);
+		if (symlink(link, full) != 0)
+			fail("mount", "symlink", tgt, errno);
+	} else if (strcmp(op, "bind") == 0) {      /* source target B_* flags */
+		const char *src = lay_str(), *tgt = lay_str();
+		unsigned flags = (unsigned)lay_num();
+		struct stat st;
+		if (stat(src, &st) != 0) {
+			if (flags & B_OPTIONAL)
+				return;
+			fail("bind_mount", "bind source missing", src, errno);
+		}
+		ensure(tgt, S_ISDIR(st.st_mode), full, sizeof full);
+		do_mount(src, full, NULL, MS_BIND | MS_REC, NULL);
+		setattr(full, MOUNT_ATTR_NOSUID_ | (flags & B_DEVICE ? 0 : MOUNT_ATTR_NODEV_) |
+				      (flags & B_WRITABLE ? 0 : MOUNT_ATTR_RDONLY_), 1);
+	} else if (strcmp(op, "tmpfs") == 0) {     /* target size mode(octal digits) noexec */
+		const char *tgt = lay_str();
+		unsigned long long size = lay_num();
+		const char *mode = lay_str();
+		unsigned long long noexec = lay_num();
+		char data[96];
+		snprintf(data, sizeof data, "size=%llu,mode=%s", size, mode);
+		ensure(tgt, 1, full, sizeof full);
+		do_mount("tmpfs", full, "tmpfs", MS_NOSUID | MS_NODEV | (noexec ? MS_NOEXEC : 0), data);
+	} else if (strcmp(op, "mkdir") == 0) {     /* target mode */
+		const char *tgt = lay_str();
+		mode_t mode = (mode_t)lay_num();
+		in_root(tgt, full, sizeof full);
+		if (mkdir(full, mode) != 0)
+			fail("mount", "mkdir", tgt, errno);
+	} else if (strcmp(op, "proc") == 0) {      /* /proc for the new pid namespace */
+		ensure("/proc", 1, full, sizeof full);
+		do_mount("proc", full, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+	} else if (strcmp(op, "mask") == 0) {      /* target: hidden, if this kernel has it */
+		const char *tgt = lay_str();
+		struct stat st;
+		in_root(tgt, full, sizeof full);
+		if (lstat(full, &st) != 0)
+			return;
+		if (S_ISDIR(st.st_mode)) {
+			do_mount("tmpfs", full, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0");
+		} else {
+			char null[4096];
+			in_root("/dev/null", null, sizeof null);
+			do_mount(null, full, NULL, MS_BIND, NULL);
+		}
+	} else if (strcmp(op, "ro") == 0) {        /* target: read-only, if this kernel has it */
+		const char *tgt = lay_str();
+		in_root(tgt, full, sizeof full);
+		if (access(full, F_OK) != 0)
+			return;
+		do_mount(full, full, NULL, MS_BIND | MS_REC, NULL);
+		setattr(full, MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_ | MOUNT_ATTR_NOEXEC_, 1);
+	} else if (strcmp(op, "file") == 0) {      /* target content: a small generated file */
+		const char *tgt = lay_str(), *content = lay_str();
+		const char *slash = strrchr(tgt, '/');
+		if (slash && slash != tgt) {
+			char dir[4096];
+			snprintf(dir, sizeof dir, "%.*s", (int)(slash - tgt), tgt);
+			ensure(dir, 1, full, sizeof full);
+		}
+		in_root(tgt, full, sizeof full);
+		int fd = open(full, O_CREAT | O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+		size_t n = strlen(content);
+		if (fd < 0 || write(fd, content, n) != (ssize_t)n)
+			fail("files", "write generated file", tgt, errno);
+		close(fd);
+	} else if (strcmp(op, "pivot") == 0) {     /* enter the new root; detach the host's tree */
+		if (chdir(root) != 0)
+			fail("pivot_root", "chdir to the new root", root, errno);
+		if (syscall(SYS_pivot_root, ".", ".") != 0)
+			fail("pivot_root", "pivot_root(., .)", root, errno);
+		if (umount2(".", MNT_DETACH) != 0)
+			fail("umount", "umount2 the old root", ".", errno);
+		if (chdir("/") != 0)
+			fail("pivot_root", "chdir /", "/", errno);
+		root = "";
+	} else if (strcmp(op, "rootro") == 0) {
+		setattr("/", MOUNT_ATTR_RDONLY_ | MOUNT_ATTR_NOSUID_ | MOUNT_ATTR_NODEV_, 0);
+	} else {
+		fail("init", "layout: unknown op", op, EINVAL);
+	}
+}
+
+/* -- Landlock: the ruleset, built but not enforced (the workload enforces it at GO) --------- */
+struct ll_ruleset_attr_ {
+	uint64_t handled_access_fs, handled_access_net, scoped;
+};
+struct ll_net_port_attr_ {
+	uint64_t allowed_access, port;
+} __attribute__((packed));
+
+/* Returns the ruleset fd, or -1 when the layout has none; appends the counts (JSON) to att. */
+static int build_ruleset(char *att, size_t room)
+{
+	if (lay_num() == 0) {
+		snprintf(att, room, "null");
+		return -1;
+	}
+	size_t attr_size = (size_t)lay_num();
+	struct ll_ruleset_attr_ ra;
+	ra.handled_access_fs = lay_num();
+	ra.handled_access_net = lay_num();
+	ra.scoped = lay_num();
+	if (attr_size > sizeof ra)
+		fail("landlock", "layout: bad ruleset attr size", NULL, EINVAL);
+	if (prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1)
+		fail("landlock", "no_new_privs is not set", NULL, 0);
+	int rfd = (int)syscall(SYS_landlock_create_ruleset, &ra, attr_size, 0);
+	if (rfd < 0)
+		fail("landlock", "landlock_create_ruleset failed", NULL, errno);
+	unsigned long long n_paths = lay_num(), added = 0;
+	size_t off = 0;
+	char skipped[8192];
+	skipped[0] = 0;
+	for (unsigned long long i = 0; i < n_paths; i++) {
+		const char *path = lay_str();
+		uint64_t dir_access = lay_num(), file_access = lay_num();
+		int optional = (int)lay_num();
+		uint64_t access = dir_access;
+		int fd = open(path, O_PATH | O_CLOEXEC | O_DIRECTORY);
+		if (fd < 0 && errno == ENOTDIR) {
+			access = file_access;      /* a file bind or generated file: file rights only */
+			fd = open(path, O_PATH | O_CLOEXEC);
+			if (fd < 0)
+				fail("landlock", "open rule path", path, errno);
+		} else if (fd < 0 && errno == ENOENT) {
+			if (!optional)
+				fail("landlock", "rule path missing in the new root", path, ENOENT);
+			char esc[4200];
+			json_escape(esc, sizeof esc, path);
+			if (off + strlen(esc) + 4 < sizeof skipped)
+				off += (size_t)snprintf(skipped + off, sizeof skipped - off, "%s\"%s\"",
+							off ? "," : "", esc);
+			continue;
+		} else if (fd < 0) {
+			fail("landlock", "open rule path", path, errno);
+		}
+		struct landlock_path_beneath_attr pb = {.allowed_access = access, .parent_fd = fd};
+		if (syscall(SYS_landlock_add_rule, rfd, LANDLOCK_RULE_PATH_BENEATH, &pb, 0) != 0)
+			fail("landlock", "landlock_add_rule path_beneath", path, errno);
+		close(fd);
+		added++;
+	}
+	unsigned long long n_ports = lay_num();
+	for (unsigned long long i = 0; i < n_ports; i++) {
+		struct ll_net_port_attr_ np;
+		np.port = lay_num();
+		np.allowed_access = lay_num();
+		if (syscall(SYS_landlock_add_rule, rfd, 2 /* LANDLOCK_RULE_NET_PORT */, &np, 0) != 0) {
+			char m[64];
+			snprintf(m, sizeof m, "landlock_add_rule net_port %llu", (unsigned long long)np.port);
+			fail("landlock", m, NULL, errno);
+		}
+	}
+	snprintf(att, room, "{\"path_rules\":%llu,\"net_rules\":%llu,\"skipped_optional\":[%s]}",
+		 added, n_ports, skipped);
+	return rfd;
+}
+
+/* Drop to the kept capabilities and the workload's ids (the order of caps.py's docstring). */
+static void drop_caps(uint64_t keep, uid_t uid, gid_t gid)
+{
+	int top = last_cap();
+	for (int c = 0; c <= top; c++)
+		if (!(keep >> c & 1) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) != 0)
+			fail("capabilities(bounding)", "prctl(PR_CAPBSET_DROP)", NULL, errno);
+	if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0)
+		fail("capabilities(ambient)", "prctl(PR_CAP_AMBIENT_CLEAR_ALL)", NULL, errno);
+	if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0)
+		fail("capabilities(keepcaps)", "prctl(PR_SET_KEEPCAPS, 1)", NULL, errno);
+	set_ids(uid, gid);
+	if (prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0)
+		fail("capabilities(keepcaps)", "prctl(PR_SET_KEEPCAPS, 0)", NULL, errno);
+	set_caps(keep, keep, keep);
+	for (int c = 0; c <= top; c++)
+		if ((keep >> c & 1) && prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0) != 0)
+			fail("capabilities(ambient raise)", "prctl(PR_CAP_AMBIENT_RAISE)", NULL, errno);
+}
+
+static size_t read_text(const char *path, char *buf, size_t room)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	ssize_t n = fd >= 0 ? read(fd, buf, room - 1) : -1;
+	if (fd >= 0)
+		close(fd);
+	buf[n > 0 ? n : 0] = 0;
+	return n > 0 ? (size_t)n : 0;
+}
+
+/* STAGED: {"status": our /proc/self/status, "ns": {name: id}, "landlock": counts or null} */
+static void send_staged(const char *ll_att)
+{
+	static char status[8192], esc[6 * 8192], frame[6 * 8192 + 2048];
+	read_text("/proc/self/status", status, sizeof status);
+	json_escape(esc, sizeof esc, status);
+	static const char *const ns[] = {"user", "pid", "mnt", "net", "ipc", "uts", "cgroup"};
+	int n = snprintf(frame, sizeof frame, "T{\"status\":\"%s\",\"ns\":{", esc);
+	for (size_t i = 0; i < sizeof ns / sizeof ns[0]; i++) {
+		char path[64], id[128];
+		snprintf(path, sizeof path, "/proc/self/ns/%s", ns[i]);
+		ssize_t l = readlink(path, id, sizeof id - 1);
+		if (l < 0) {
+			id[0] = '?';
+			l = 1;
+		}
+		id[l] = 0;
+		n += snprintf(frame + n, sizeof frame - (size_t)n, "%s\"%s\":\"%s\"", i ? "," : "", ns[i], id);
+	}
+	n += snprintf(frame + n, sizeof frame - (size_t)n, "},\"landlock\":%s}", ll_att);
+	if (n <= 0 || (size_t)n >= sizeof frame)
+		fail("init", "STAGED frame too large", NULL, EMSGSIZE);
+	if (send(SYNC_FD, frame, (size_t)n, MSG_NOSIGNAL) != n)
+		_exit(125);
+}
+
+static int build_ruleset_fd = -1;
+static const char *build_cpu_arg;
+
+/* Returns in the workload (the fork of pid 1), which goes on with workload(). */
+static void build_main(void)
+{
+	/* spawn_init */
+	pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWPID | CLONE_PARENT | SIGCHLD,
+				   NULL, NULL, NULL, NULL);
+	if (pid < 0)
+		fail("init", "clone(CLONE_NEWUSER|CLONE_NEWPID)", NULL, errno);
+	if (pid > 0) {
+		char f[32];
+		int n = snprintf(f, sizeof f, "F%d", (int)pid);
+		_exit(send(ISOCK_FD, f, (size_t)n, MSG_NOSIGNAL) == n ? 0 : 1);
+	}
+	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
+	/* Only what the protocol names (0-3, 5, 6) may be open. */
+	close(4);
+	syscall(SYS_close_range, ISOCK_FD + 1, ~0U, 0);
+
+	/* phase A */
+	char placed[128];
+	size_t n = recv_isock(placed, sizeof placed - 1, 'L');
+	placed[n] = 0;
+	unsigned uid, gid, net;
+	if (sscanf(placed + 1, "%u %u %u", &uid, &gid, &net) != 3)
+		fail("init", "PLACED: bad frame", NULL, EINVAL);
+	if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0)
+		fail("init", "prctl(PR_SET_KEEPCAPS, 1)", NULL, errno);
+	set_ids(uid, gid);
+	uint64_t full = permitted_caps();
+	set_caps(full, full, 0);
+	int flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP | (net ? CLONE_NEWNET : 0);
+	if (unshare(flags) != 0)  /* cgroup ns after the placement: the run's cgroup is its / */
+		fail("unshare", "unshare(NEWNS|NEWIPC|NEWUTS|NEWCGROUP[|NEWNET]) failed", NULL, errno);
+	/* No user namespaces below this one: with one, a workload could get a full set of
+	 * capabilities there again (only seccomp would stand in the way). */
+	write_file("/proc/sys/user/max_user_namespaces", "0", "init(max_user_namespaces)");
+	if (net)
+		loopback_up();
+	if (chdir("/") != 0) /* so pivot_root moves our cwd too */
+		fail("init", "chdir /", "/", errno);
+	/* Until now our net namespace was the host's: a segment is plugged in only after this. */
+	if (send(ISOCK_FD, "M", 1, MSG_NOSIGNAL) != 1)
+		_exit(0);
+
+	/* phase B */
+	lay_len = recv_isock(lay, sizeof lay, 'U');
+	lay_pos = 1;
+	close(ISOCK_FD);
+	if (strcmp(lay_str(), "SBXL1") != 0)
+		fail("init", "layout: bad magic", NULL, EINVAL);
+	root = lay_str();
+	const char *hostname = lay_str(), *cwd = lay_str();
+	uid_t in_uid = (uid_t)lay_num();
+	gid_t in_gid = (gid_t)lay_num();
+	uint64_t keep = lay_num();
+	build_cpu_arg = lay_str();
+	size_t ll_pos = lay_pos; /* the ruleset is built last, after no_new_privs */
+	if (lay_num()) {
+		for (int i = 0; i < 4; i++)
+			lay_num();
+		for (unsigned long long i = 0, k = lay_num(); i < k; i++) {
+			lay_str();
+			lay_num();
+			lay_num();
+			lay_num();
+		}
+		for (unsigned long long i = 0, k = lay_num(); i < k; i++) {
+			lay_num();
+			lay_num();
+		}
+	}
+	if (sethostname(hostname, strlen(hostname)) != 0)
+		fail("sethostname", "sethostname", hostname, errno);
+	for (unsigned long long i = 0, k = lay_num(); i < k; i++)
+		run_op(lay_str());
+	if (lay_pos != lay_len)
+		fail("init", "layout: trailing bytes", NULL, EINVAL);
+	/* For good: the workload cannot ptrace its init or read /proc/1. */
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+		fail("init", "prctl(PR_SET_DUMPABLE, 0)", NULL, errno);
+	/* stdin is the run's; until it comes, the new root's /dev/null holds the place. */
+	int dn = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	if (dn < 0 || dup2(dn, 0) < 0)
+		fail("init", "open /dev/null", "/dev/null", errno);
+	close(dn);
+	/* The containment order (sandbox.py's docstring lists it whole). */
+	if (setsid() < 0)                           /* new session: no TIOCSTI into a terminal */
+		fail("init", "setsid", NULL, errno);
+	if (chdir(cwd) != 0)
+		fail("chdir", "chdir to working directory", cwd, errno);
+	drop_caps(keep, in_uid, in_gid);
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+		fail("no_new_privs", "prctl(PR_SET_NO_NEW_PRIVS)", NULL, errno);
+	size_t end = lay_pos;
+	lay_pos = ll_pos;
+	static char ll_att[10240];
+	int rfd = build_ruleset(ll_att, sizeof ll_att);
+	lay_pos = end;
+	if (rfd >= 0 && rfd != 4) {
+		if (dup2(rfd, 4) < 0)
+			fail("landlock", "dup2 the ruleset", NULL, errno);
+		close(rfd);
+		rfd = 4;
+	}
+	if (rfd >= 0 && fcntl(rfd, F_SETFD, 0) != 0)
+		fail("landlock", "ruleset fd", NULL, errno);
+	send_staged(ll_att);
+	build_ruleset_fd = rfd;
+	run_init(5, rfd); /* returns in the workload */
+}
+
+/* The workload: waits for GO, then the run's own steps (the list at the top). */
+static int workload(int ruleset_fd, const char *cpu_arg)
+{
+	int restore = avoid_cpu(cpu_arg);
 	/* Only the program's stdio may survive the final execve. */
 	if (fcntl(SYNC_FD, F_SETFD, FD_CLOEXEC) != 0)
 		_exit(125);
@@ -511,4 +1073,19 @@ int main(int argc, char **argv)
 	snprintf(m, sizeof m, "execve %s", argv_buf[0]);
 	fail("execve", m, exe, errno);
 	return 127;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 2 && strcmp(argv[1], "init") == 0) {
+		build_main(); /* returns in the workload */
+		return workload(build_ruleset_fd, build_cpu_arg);
+	}
+	/* Direct modes (tests, debugging): sbx-exec <ruleset-fd|-> [CPU:SET|-] [status-fd|-]. */
+	int ruleset_fd = -1;
+	if (argc > 1 && strcmp(argv[1], "-") != 0)
+		ruleset_fd = atoi(argv[1]);
+	if (argc > 3 && strcmp(argv[3], "-") != 0)
+		run_init(atoi(argv[3]), ruleset_fd); /* returns in the workload */
+	return workload(ruleset_fd, argc > 2 ? argv[2] : NULL);
 }
