@@ -11,7 +11,8 @@ A run's CPU goes mostly into making the next spare, so back to back a run waits 
 
 --perf: also sample every CPU with `perf record -e cpu-clock -a` (if perf is installed) and
 split the busy time by process name (sbx-launcher, sbx-zygote, sbx-hostworker,
-sbx-supervisor, sbx-init, sbx-exec, the program). The machine should be otherwise idle.
+sbx-supervisor, sbx-spawn, sbx-init, sbx-exec (the workload before its execve), the
+program). The machine should be otherwise idle.
 """
 
 from __future__ import annotations

@@ -815,7 +815,8 @@ static const char *build_cpu_arg;
 /* Returns in the workload (the fork of pid 1), which goes on with workload(). */
 static void build_main(void)
 {
-	/* spawn_init */
+	/* spawn_init (named: exec'd by fd, this process would be called after the fd's number) */
+	prctl(PR_SET_NAME, "sbx-spawn", 0, 0, 0);
 	pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWPID | CLONE_PARENT | SIGCHLD,
 				   NULL, NULL, NULL, NULL);
 	if (pid < 0)
