@@ -154,6 +154,7 @@ def init():
 
 @root_only
 def test_init_is_c_from_the_start_and_pid_1_of_its_own_namespaces(init, tmp_path):
+    assert init.namespaced() == b"M"                          # init has named itself by now
     with open(f"/proc/{init.pid}/status") as f:
         status = dict(ln.split(":", 1) for ln in f.read().splitlines())
     assert status["Name"].strip() == "sbx-init"
@@ -162,7 +163,6 @@ def test_init_is_c_from_the_start_and_pid_1_of_its_own_namespaces(init, tmp_path
     assert int(status["VmRSS"].split()[0]) < 4096           # not a copy of an interpreter
     assert os.readlink(f"/proc/{init.pid}/exe").endswith("sbx-exec")
     assert os.readlink(f"/proc/{init.pid}/ns/user") != os.readlink("/proc/self/ns/user")
-    assert init.namespaced() == b"M"
     for ns in ("mnt", "net", "ipc", "uts", "cgroup"):
         assert os.readlink(f"/proc/{init.pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
     kind, att = init.layout(_blob(tmp_path, _fs()))
@@ -309,3 +309,54 @@ def test_landlock_rules_match_the_root_that_init_builds(init, tmp_path):
     assert [ln for ln in lines if "Permission denied" not in ln] == [
         "root:x:0:0::/:/bin/sh", "hi", "tmp_exec=126", "box_exec=0", "Name", "ls_root=2"], out
     assert any("/tmp/t: Permission denied" in ln for ln in lines)
+
+
+@root_only
+def test_init_builds_a_root_without_proc(init, tmp_path):
+    """The capability drop needs the highest capability number: read from the host's /proc in
+    phase A, since a root without /proc has none to read it from."""
+    assert init.namespaced() == b"M"
+    kind, att = init.layout(_blob(tmp_path, _fs(proc=False)))
+    assert kind == protocol.STAGED, att
+    assert att["status"] == ""                    # no /proc to read it from
+    assert not os.path.exists(f"/proc/{init.pid}/root/proc")
+    with open(f"/proc/{init.pid}/status") as f:
+        assert "CapBnd:\t0000000000000000" in f.read()
+
+
+@root_only
+def test_init_sends_a_decodable_error_for_a_long_non_ascii_path(init, tmp_path):
+    """Strings in ERROR frames are cut to fit, but never inside a UTF-8 sequence."""
+    missing = "/nonexistent-sbx-test/" + "/".join(["\u00e9" * 100] * 21)
+    assert init.namespaced() == b"M"
+    kind, err = init.layout(_blob(tmp_path, _fs(binds=_fs().binds + (Bind(missing, "/opt/x"),))))
+    # (ENAMETOOLONG: a path longer than the frame's room for it is longer than PATH_MAX too)
+    assert kind == protocol.ERROR and err["step"] == "bind_mount" and err["errno"] == 36, err
+    assert missing.startswith(err["path"]) and len(err["path"]) > 1000
+
+
+@root_only
+def test_init_takes_a_layout_of_the_largest_size(tmp_path):
+    """stubgo.MAX_LAYOUT is what init takes: the largest blob encode_layout accepts arrives whole
+    (one byte more is refused by the encoder, never cut by the socket)."""
+    fs = _fs(root_readonly=False)
+    base = _blob(tmp_path, fs, ops=mounts.compile_root(fs, str((tmp_path / "root").resolve())) + [])
+    ops = mounts.compile_root(dataclasses.replace(fs, files=fs.files + (("/etc/pad", ""),)),
+                              str((tmp_path / "root").resolve()))
+    pad = stubgo.MAX_LAYOUT - 1 - len(_blob(tmp_path, fs, ops=ops))
+    assert pad > 0 and base
+    big = dataclasses.replace(fs, files=fs.files + (("/etc/pad", "x" * pad),))
+    ops = mounts.compile_root(big, str((tmp_path / "root").resolve()))
+    blob = _blob(tmp_path, big, ops=ops)
+    assert len(blob) == stubgo.MAX_LAYOUT - 1
+    i = Init()
+    try:
+        assert i.namespaced() == b"M"
+        kind, att = i.layout(blob)
+        assert kind == protocol.STAGED, att
+        assert os.path.getsize(f"/proc/{i.pid}/root/etc/pad") == pad
+    finally:
+        i.close()
+    big = dataclasses.replace(fs, files=fs.files + (("/etc/pad", "x" * (pad + 1)),))
+    with pytest.raises(PlanError):
+        _blob(tmp_path, big, ops=mounts.compile_root(big, str((tmp_path / "root").resolve())))

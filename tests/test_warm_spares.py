@@ -341,7 +341,7 @@ def test_spares_that_keep_failing_are_retried_with_backoff():
             import sys
             sys.stderr = open(2, "w", buffering=1, closefd=False)   # not pytest's capture
 
-            def broken(*_):
+            def broken(*_, **__):
                 raise OSError(12, "injected phase-A failure")
             sandbox.spawn_init = broken
             launcher.run_launcher(theirs, RuntimeConfig(instance=f"backoff{os.getpid()}"))
@@ -440,3 +440,45 @@ def test_stub_in_init_mode_forks_the_workload_reaps_and_reports(tmp_path):
         proc.kill()
         proc.wait()
         os.close(r)
+
+
+def test_the_program_starts_with_every_signal_default_and_none_blocked(runtime):
+    """init is posix_spawned: glibc leaves its own signals (32, 33) ignored in the child, and an
+    ignored signal survives execve. init resets all 64 with the raw syscalls."""
+    p = plan(["/bin/sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/self/status"])
+    for r in (runtime.run(p), _staged_run(runtime, p)):
+        assert r.status == Status.OK, r
+        assert r.stdout.decode().split() == ["SigBlk:", "0000000000000000", "SigIgn:", "0000000000000000"]
+
+
+def test_a_spare_init_of_a_root_launcher_is_not_dumpable(runtime):
+    """The supervisor of a root launcher changes its uid to the run's: init (exec'd, so dumpable
+    again) makes itself non-dumpable before it clones, so nothing running as the run's host uid
+    can ptrace it or open its /proc files while it holds every capability of its namespaces."""
+    p = plan(["/bin/true"])
+    _staged_run(runtime, p)
+    time.sleep(0.5)
+    start, count = runtime.host_info()["userns"]["range"]
+    seen = 0
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                st = dict(ln.split(":", 1) for ln in f.read().splitlines())
+            uid = int(st["Uid"].split()[1])
+        except (OSError, KeyError, ValueError):
+            continue
+        if st["Name"].strip() in ("sbx-init", "sbx-exec") and start <= uid < start + count:
+            assert os.stat(f"/proc/{pid}/mem").st_uid == 0, (pid, st["Name"])   # root-owned: not dumpable
+            seen += 1
+    assert seen >= 2                      # the staged spares' inits and their waiting workloads
+
+
+def test_a_layout_with_a_large_generated_file_runs(runtime):
+    """The pickled layout and init's blob travel in frames of their own: each holds the plan's
+    generated files once, so a 70 kB file fits as it did when init was Python."""
+    base = plan(["/bin/sh", "-c", "wc -c < /etc/big"])
+    fs = base.filesystem
+    p = dataclasses.replace(base, filesystem=dataclasses.replace(
+        fs, files=fs.files + (("/etc/big", "x" * 70000),)))
+    r = runtime.run(p)
+    assert r.status == Status.OK and r.stdout == b"70000\n", r

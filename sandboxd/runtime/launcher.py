@@ -524,13 +524,16 @@ class Launcher:
         lplan = dataclasses.replace(plan, argv=("-",), env=(), run_id="")
         ctx = sandbox.LayoutContext(plan=lplan, keep_caps=caps.parse_caps(plan.caps_keep),
                                     root_mountpoint=self.config.root_mountpoint,
-                                    stub_fd=self.stub_fd, avoid_cpu=self.avoid_cpu)
+                                    avoid_cpu=self.avoid_cpu)
         lay = _Layout(key=key, ctx=ctx, ctx_bytes=b"",
                       seccomp_info=self._prepare_seccomp(plan, ctx),
                       landlock_info=self._prepare_landlock(plan, ctx),
                       apparmor_info=self._prepare_apparmor(plan, ctx))
         self._encode_layout(lplan, ctx)
         lay.ctx_bytes = pickle.dumps(ctx, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(lay.ctx_bytes) + 1 > protocol.MAX_FRAME:
+            raise PlanError(f"sandbox layout too large ({len(lay.ctx_bytes)} bytes pickled, at most "
+                            f"{protocol.MAX_FRAME - 1})", step="plan")
         if key is not None:
             self._layouts[key] = lay
             while len(self._layouts) > 16:
@@ -602,6 +605,7 @@ class Launcher:
         try:
             if not sup.layout_sent and sup.layout is not None:
                 protocol.send(sup.lsock, protocol.LAYOUT, sup.layout.ctx_bytes)
+                protocol.send(sup.lsock, protocol.LAYOUT_BLOB, sup.layout.ctx.layout_blob)
                 sup.layout_sent = True
                 if run is None:
                     # Limits as the layout's first run had them: a run with the same limits

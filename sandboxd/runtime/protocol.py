@@ -12,10 +12,12 @@ Frames
   launcher -> supervisor -> init       PLACED {"uid","gid","net"}: mapped and in the cgroup (the
                                        supervisor's copy is pickled and adds its RunCgroup)
   init -> supervisor -> launcher       NAMESPACED: init has its own namespaces (a segment may attach)
-  launcher -> supervisor -> init -> workload
-                                       LAYOUT pickled LayoutContext: build the root, stage the workload
-  workload -> supervisor (sync)        STAGED {attestation} (then it execs the stub), ERROR {...}
-  stub -> supervisor (sync)            WAITING: the stub runs and waits for its GO frame
+  supervisor -> (spawner) -> init     (init socket) "F<pid>" from the spawner; PLACED "<uid> <gid> <net>",
+                                       NAMESPACED from init; LAYOUT <blob> (stubgo.encode_layout)
+  launcher -> supervisor               LAYOUT pickled LayoutContext, then LAYOUT_BLOB <blob>: build the
+                                       root, stage the workload
+  init -> supervisor (sync)            STAGED {status, ns, landlock counts}, ERROR {...}
+  workload -> supervisor (sync)        WAITING: the workload runs and waits for its GO frame
   supervisor -> launcher               READY + [the supervisor's end of the sync socket]
   launcher -> stub (sync)              the stub's GO frame (stubgo.encode; no kind byte), fds [stdin]
   launcher -> supervisor               START pickled RunStart, fds [run socket]
@@ -56,6 +58,7 @@ REMOVE = b"D"
 ATTACH = b"N"
 DETACH = b"O"
 NAMESPACED = b"M"
+LAYOUT_BLOB = b"V"
 
 MAX_FRAME = 1 << 17
 
@@ -84,9 +87,11 @@ def send_raw(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] 
     sock.sendmsg([data], anc)
 
 
-def recv(sock: socket.socket, maxfds: int = 4) -> tuple[bytes, bytes, list[int]]:
-    """-> (kind, payload bytes, fds). kind is b"" at EOF."""
-    data, anc, flags, _ = sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(maxfds * 4), socket.MSG_CMSG_CLOEXEC)
+def recv(sock: socket.socket, maxfds: int = 4, nonblocking: bool = False) -> tuple[bytes, bytes, list[int]]:
+    """-> (kind, payload bytes, fds). kind is b"" at EOF. nonblocking: BlockingIOError when
+    nothing is queued."""
+    data, anc, flags, _ = sock.recvmsg(MAX_FRAME, socket.CMSG_SPACE(maxfds * 4),
+                                       socket.MSG_CMSG_CLOEXEC | (socket.MSG_DONTWAIT if nonblocking else 0))
     fds: list[int] = []
     for level, typ, cdata in anc:
         if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:

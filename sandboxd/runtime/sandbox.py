@@ -66,16 +66,21 @@ class LayoutContext:
     It travels over the launcher's own sockets to its own forked children (same code, same
     trust). Only plain values cross."""
 
+    def __getstate__(self) -> dict:
+        # The blob repeats the plan's generated files: pickled too, a layout near the frame
+        # limit would not fit. The launcher sends it after the pickle (LAYOUT_BLOB).
+        return dict(self.__dict__, layout_blob=b"")
+
     plan: Plan                          # the plan that defined the layout; only layout fields are used
     keep_caps: int
     seccomp_compiled: Any = None        # seccomp.CompiledFilter; None: no filter
     landlock_rules: Any = None          # landlock.LandlockRules (without argv[0]); None: no Landlock
     apparmor_transition: Any = None     # apparmor.ExecTransition; None: no profile to apply
     root_mountpoint: str = "/run/sandboxd/root"   # from RuntimeConfig: a host detail, not the plan's
-    stub_fd: int = -1                   # O_PATH fd of sbx-exec, inherited from the launcher
     avoid_cpu: str = ""                 # "CPU:SET": the staged stub waits off the launcher's CPU and
                                         # takes SET back before the run ("": stays as it is)
-    layout_blob: bytes = b""            # what init builds the sandbox from (stubgo.encode_layout)
+    layout_blob: bytes = b""            # what init builds the sandbox from (stubgo.encode_layout);
+                                        # sent in a frame of its own, never pickled
     landlock_attestation: Any = None    # the ruleset's attestation but for init's counts; None: no rules
 
 
@@ -107,7 +112,7 @@ class RunStart:
 #
 #   init (pid 1), ahead of the run        the workload, at the run
 #   0 signals default, mask empty         7  stdin to fd 0
-#     (posix_spawn)                       8  rlimits
+#     (all 64), non-dumpable (root)       8  rlimits
 #   1 root built, pivoted; non-dumpable   9  resolve argv[0] in PATH
 #   2 setsid                              10 AppArmor: profile at the next execve
 #   3 chdir to the plan's cwd             11 Landlock: argv[0]'s file rule, restrict_self
@@ -128,19 +133,22 @@ INIT_SOCK_FD = 6       # init's end of the init socket while it is set up (sbx-e
 
 
 def spawn_init(stub_fd: int, out_w: int, err_w: int, sync_c: int, status_w: int,
-               isock_c: int) -> int:
+               isock_c: int, *, nodump: bool = False) -> int:
     """Start the run's init: posix_spawn (vfork + exec: nothing of this interpreter is copied
     or torn down) of `sbx-exec init`, which clones pid 1 of new user and pid namespaces as our
-    child and exits. Returns init's pid (it said so on the init socket)."""
-    # Sources out of the way of the numbers they go to, so no dup2 clobbers another's source.
-    hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64) for fd in (out_w, err_w, sync_c, status_w, isock_c)]
+    child, says its pid on the init socket ("F<pid>") and exits; returns the spawner's pid.
+    nodump: init is non-dumpable from the start (the caller changed its uid: a root launcher)."""
+    # Sources out of the way of the numbers they go to, so no dup2 clobbers another's source
+    # (the stub's fd included: it is exec'd after the dup2s).
+    hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 64)
+          for fd in (out_w, err_w, sync_c, status_w, isock_c, stub_fd)]
     devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
     try:
         targets = (1, 2, SYNC_FD, stubgo.STATUS_FD, INIT_SOCK_FD)
         actions = [(os.POSIX_SPAWN_DUP2, devnull, 0)]
         actions += [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in zip(hi, targets)]
         try:
-            pid = os.posix_spawn(f"/proc/self/fd/{stub_fd}", ["sbx-exec", "init"], {},
+            pid = os.posix_spawn(f"/proc/self/fd/{hi[5]}", ["sbx-exec", "init", "nodump" if nodump else "dump"], {},
                                  file_actions=actions, setsigmask=(),
                                  setsigdef=_ALL_SIGNALS)
         except OSError as e:
@@ -196,7 +204,8 @@ class _Run:
 
 
 def _supervise(lsock: socket.socket, host_uid: int, host_gid: int, stub_fd: int) -> int:
-    if os.geteuid() == 0:
+    switched = os.geteuid() == 0
+    if switched:
         # Become the run's host identity before init makes its user namespace: the namespace's
         # owner is then the run's uid, so per-user kernel counts of everything inside (inotify
         # instances and watches, message queues, pending signals) are the run's, not host root's.
@@ -211,13 +220,19 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int, stub_fd: int)
     sync_p.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)   # learn the workload's host pid
     isock_p, isock_c = protocol.seqpacket_pair()
 
-    spid = spawn_init(stub_fd, out_w, err_w, sync_c.fileno(), status_w, isock_c.fileno())
+    spid = spawn_init(stub_fd, out_w, err_w, sync_c.fileno(), status_w, isock_c.fileno(),
+                      nodump=switched)
     for fd in (out_w, err_w, status_w):
         os.close(fd)
     sync_c.close()
     isock_c.close()
-    kind, payload, _ = protocol.recv(isock_p)      # "F<pid>": init, our child (CLONE_PARENT)
+    # The spawner says "F<pid>" (init, our child: CLONE_PARENT) and exits: once it is reaped,
+    # the frame is there or never comes (init, if cloned, holds the socket's other end open).
     os.waitpid(spid, 0)
+    try:
+        kind, payload, _ = protocol.recv(isock_p, nonblocking=True)
+    except BlockingIOError:
+        kind, payload = b"", b""
     if kind != b"F":
         st = _Run()                                # its error, if it said one, is on the sync socket
         while st.launch_error is None and _on_sync(None, sync_p, st, lsock, drain=True):
@@ -266,8 +281,11 @@ def _supervise(lsock: socket.socket, host_uid: int, host_gid: int, stub_fd: int)
     if kind != protocol.LAYOUT:
         return 0
     ctx: LayoutContext = pickle.loads(payload)
+    kind, blob, _ = protocol.recv(lsock)           # init's blob follows in its own frame
+    if kind != protocol.LAYOUT_BLOB:
+        return 0
     try:
-        protocol.send(isock_p, protocol.LAYOUT, ctx.layout_blob)
+        protocol.send(isock_p, protocol.LAYOUT, blob)
     except OSError:
         pass                                       # init is gone: the sync socket's EOF says so below
     isock_p.close()

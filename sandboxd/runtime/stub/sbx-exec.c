@@ -108,8 +108,24 @@ static size_t json_escape(char *out, size_t room, const char *s)
 			out[n++] = (char)c;
 		} else if (c < 0x20) {
 			n += (size_t)snprintf(out + n, room - n, "\\u%04x", c);
-		} else {
+		} else if (c < 0x80) {
 			out[n++] = (char)c;
+		} else {
+			/* A whole UTF-8 sequence or nothing: a cut one would make the frame undecodable.
+			 * Bytes that are not UTF-8 become '?'. */
+			size_t len = c >= 0xf0 && c < 0xf5 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 && c < 0xe0 ? 2 : 0;
+			size_t k = 1;
+			while (len && k < len && ((unsigned char)s[k] & 0xc0) == 0x80)
+				k++;
+			if (!len || k < len) {
+				out[n++] = '?';
+				continue;
+			}
+			if (n + len + 7 >= room)
+				break;
+			memcpy(out + n, s, len);
+			n += len;
+			s += len - 1;
 		}
 	}
 	out[n] = 0;
@@ -396,7 +412,7 @@ static void run_init(int status_fd, int ruleset_fd)
 #define ISOCK_FD 6
 #define MAX_LAYOUT (1u << 17)
 
-static unsigned char lay[MAX_LAYOUT];
+static unsigned char lay[MAX_LAYOUT + 1]; /* + 1: a frame that fills it was cut */
 static size_t lay_len, lay_pos;
 
 static const char *lay_str(void)
@@ -417,9 +433,18 @@ static unsigned long long lay_num(void)
 	char *end;
 	errno = 0;
 	unsigned long long v = strtoull(s, &end, 10);
-	if (!*s || *end || errno)
+	if (*s < '0' || *s > '9' || *end || errno)
 		fail("init", "layout: bad number", s, EINVAL);
 	return v;
+}
+
+/* A number that must fit in 32 bits (an id, a mode, flags). */
+static unsigned lay_u32(void)
+{
+	unsigned long long v = lay_num();
+	if (v > 0xfffffffeULL)
+		fail("init", "layout: number out of range", NULL, ERANGE);
+	return (unsigned)v;
 }
 
 /* One frame from the supervisor on the init socket. EOF: the spare was retired; exit quietly. */
@@ -440,8 +465,11 @@ static void write_file(const char *path, const char *data, const char *step)
 {
 	int fd = open(path, O_WRONLY | O_CLOEXEC);
 	size_t n = strlen(data);
-	if (fd < 0 || write(fd, data, n) != (ssize_t)n)
-		fail(step, "write", path, errno);
+	if (fd < 0)
+		fail(step, "open", path, errno);
+	ssize_t w = write(fd, data, n);
+	if (w != (ssize_t)n)
+		fail(step, "write", path, w < 0 ? errno : EIO);
 	close(fd);
 }
 
@@ -459,14 +487,20 @@ static void loopback_up(void)
 	close(s);
 }
 
-static int last_cap(void)
+/* Read in phase A, from the host's /proc: the new root may have none. */
+static int cap_top = -1;
+
+static void read_last_cap(void)
 {
 	char b[16] = {0};
 	int fd = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
-	if (fd < 0 || read(fd, b, sizeof b - 1) <= 0)
-		fail("capabilities", "read cap_last_cap", "/proc/sys/kernel/cap_last_cap", errno);
+	ssize_t n = fd >= 0 ? read(fd, b, sizeof b - 1) : -1;
+	if (n <= 0)
+		fail("capabilities", "read cap_last_cap", "/proc/sys/kernel/cap_last_cap", n == 0 ? EIO : errno);
 	close(fd);
-	return atoi(b);
+	cap_top = atoi(b);
+	if (cap_top < 0 || cap_top > 63)
+		fail("capabilities", "cap_last_cap out of range", "/proc/sys/kernel/cap_last_cap", ERANGE);
 }
 
 static void set_caps(uint64_t eff, uint64_t prm, uint64_t inh)
@@ -597,7 +631,7 @@ static void run_op(const char *op)
 			fail("mount", "symlink", tgt, errno);
 	} else if (strcmp(op, "bind") == 0) {      /* source target B_* flags */
 		const char *src = lay_str(), *tgt = lay_str();
-		unsigned flags = (unsigned)lay_num();
+		unsigned flags = lay_u32();
 		struct stat st;
 		if (stat(src, &st) != 0) {
 			if (flags & B_OPTIONAL)
@@ -619,7 +653,9 @@ static void run_op(const char *op)
 		do_mount("tmpfs", full, "tmpfs", MS_NOSUID | MS_NODEV | (noexec ? MS_NOEXEC : 0), data);
 	} else if (strcmp(op, "mkdir") == 0) {     /* target mode */
 		const char *tgt = lay_str();
-		mode_t mode = (mode_t)lay_num();
+		mode_t mode = (mode_t)lay_u32();
+		if (mode & ~07777u)
+			fail("init", "layout: bad mode", tgt, EINVAL);
 		in_root(tgt, full, sizeof full);
 		if (mkdir(full, mode) != 0)
 			fail("mount", "mkdir", tgt, errno);
@@ -656,9 +692,12 @@ static void run_op(const char *op)
 		}
 		in_root(tgt, full, sizeof full);
 		int fd = open(full, O_CREAT | O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
-		size_t n = strlen(content);
-		if (fd < 0 || write(fd, content, n) != (ssize_t)n)
+		if (fd < 0)
 			fail("files", "write generated file", tgt, errno);
+		size_t n = strlen(content);
+		ssize_t w = write(fd, content, n);
+		if (w != (ssize_t)n)
+			fail("files", "write generated file", tgt, w < 0 ? errno : EIO);
 		close(fd);
 	} else if (strcmp(op, "pivot") == 0) {     /* enter the new root; detach the host's tree */
 		if (chdir(root) != 0)
@@ -756,7 +795,7 @@ static int build_ruleset(char *att, size_t room)
 /* Drop to the kept capabilities and the workload's ids (the order of caps.py's docstring). */
 static void drop_caps(uint64_t keep, uid_t uid, gid_t gid)
 {
-	int top = last_cap();
+	int top = cap_top;
 	for (int c = 0; c <= top; c++)
 		if (!(keep >> c & 1) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) != 0)
 			fail("capabilities(bounding)", "prctl(PR_CAPBSET_DROP)", NULL, errno);
@@ -800,9 +839,11 @@ static void send_staged(const char *ll_att)
 			l = 1;
 		}
 		id[l] = 0;
-		n += snprintf(frame + n, sizeof frame - (size_t)n, "%s\"%s\":\"%s\"", i ? "," : "", ns[i], id);
+		if (n > 0 && (size_t)n < sizeof frame)
+			n += snprintf(frame + n, sizeof frame - (size_t)n, "%s\"%s\":\"%s\"", i ? "," : "", ns[i], id);
 	}
-	n += snprintf(frame + n, sizeof frame - (size_t)n, "},\"landlock\":%s}", ll_att);
+	if (n > 0 && (size_t)n < sizeof frame)
+		n += snprintf(frame + n, sizeof frame - (size_t)n, "},\"landlock\":%s}", ll_att);
 	if (n <= 0 || (size_t)n >= sizeof frame)
 		fail("init", "STAGED frame too large", NULL, EMSGSIZE);
 	if (send(SYNC_FD, frame, (size_t)n, MSG_NOSIGNAL) != n)
@@ -812,11 +853,40 @@ static void send_staged(const char *ll_att)
 static int build_ruleset_fd = -1;
 static const char *build_cpu_arg;
 
-/* Returns in the workload (the fork of pid 1), which goes on with workload(). */
-static void build_main(void)
+/* Every signal to its default, the mask empty: what a program started from a shell expects, and
+ * an ignored signal survives execve (SIGPIPE ignored: writers to a closed pipe spin on EPIPE;
+ * SIGXFSZ: the file size limit would become EFBIG instead of the signal the verdict relies on).
+ * The raw syscalls: posix_spawn leaves glibc's own signals (32, 33) ignored, and glibc's
+ * sigaction refuses to name them. */
+struct kernel_sigaction_ {
+	void (*handler)(int);
+	unsigned long flags;
+	void (*restorer)(void);
+	uint64_t mask;
+};
+
+static void default_signals(void)
+{
+	struct kernel_sigaction_ dfl = {SIG_DFL, 0, NULL, 0};
+	for (int sig = 1; sig <= 64; sig++)
+		if (sig != SIGKILL && sig != SIGSTOP && syscall(SYS_rt_sigaction, sig, &dfl, NULL, 8) != 0)
+			fail("init", "rt_sigaction SIG_DFL", NULL, errno);
+	uint64_t none = 0;
+	if (syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, 8) != 0)
+		fail("init", "rt_sigprocmask", NULL, errno);
+}
+
+/* Returns in the workload (the fork of pid 1), which goes on with workload(). `nodump`: the
+ * supervisor changed its uid to the run's (a root launcher): init is non-dumpable from the
+ * start, as a process that changed uid is (a launcher running as the run's uid must still
+ * write the id maps of its own processes). */
+static void build_main(int nodump)
 {
 	/* spawn_init (named: exec'd by fd, this process would be called after the fd's number) */
 	prctl(PR_SET_NAME, "sbx-spawn", 0, 0, 0);
+	if (nodump && prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+		fail("init", "prctl(PR_SET_DUMPABLE, 0)", NULL, errno);
+	default_signals();
 	pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWPID | CLONE_PARENT | SIGCHLD,
 				   NULL, NULL, NULL, NULL);
 	if (pid < 0)
@@ -826,11 +896,14 @@ static void build_main(void)
 		int n = snprintf(f, sizeof f, "F%d", (int)pid);
 		_exit(send(ISOCK_FD, f, (size_t)n, MSG_NOSIGNAL) == n ? 0 : 1);
 	}
-	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0)
+		fail("init", "prctl(PR_SET_PDEATHSIG)", NULL, errno);
 	prctl(PR_SET_NAME, "sbx-init", 0, 0, 0);
 	/* Only what the protocol names (0-3, 5, 6) may be open. */
 	close(4);
-	syscall(SYS_close_range, ISOCK_FD + 1, ~0U, 0);
+	if (syscall(SYS_close_range, ISOCK_FD + 1, ~0U, 0) != 0)
+		fail("init", "close_range", NULL, errno);
+	read_last_cap();
 
 	/* phase A */
 	char placed[128];
@@ -866,8 +939,8 @@ static void build_main(void)
 		fail("init", "layout: bad magic", NULL, EINVAL);
 	root = lay_str();
 	const char *hostname = lay_str(), *cwd = lay_str();
-	uid_t in_uid = (uid_t)lay_num();
-	gid_t in_gid = (gid_t)lay_num();
+	uid_t in_uid = (uid_t)lay_u32();
+	gid_t in_gid = (gid_t)lay_u32();
 	uint64_t keep = lay_num();
 	build_cpu_arg = lay_str();
 	size_t ll_pos = lay_pos; /* the ruleset is built last, after no_new_privs */
@@ -1078,8 +1151,8 @@ static int workload(int ruleset_fd, const char *cpu_arg)
 
 int main(int argc, char **argv)
 {
-	if (argc == 2 && strcmp(argv[1], "init") == 0) {
-		build_main(); /* returns in the workload */
+	if (argc == 3 && strcmp(argv[1], "init") == 0) {
+		build_main(strcmp(argv[2], "nodump") == 0); /* returns in the workload */
 		return workload(build_ruleset_fd, build_cpu_arg);
 	}
 	/* Direct modes (tests, debugging): sbx-exec <ruleset-fd|-> [CPU:SET|-] [status-fd|-]. */
