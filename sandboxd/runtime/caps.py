@@ -1,9 +1,8 @@
-"""Capability names and the drop sequence.
+"""Capability names, and the capability lines of /proc/<pid>/status for the attestation.
 
-Dropping happens in the run's init (before it becomes the stub's init mode and forks the
-workload) right before no_new_privs/LSM/seccomp, in this order
-(each step needs what the previous one still has):
-  1. bounding set: drop everything not kept (needs CAP_SETPCAP, which we still hold);
+The drop itself happens in the run's init (stub/sbx-exec.c, drop_caps), right before
+no_new_privs/LSM/seccomp, in this order (each step needs what the previous one still has):
+  1. bounding set: drop everything not kept (needs CAP_SETPCAP, which init still holds);
   2. ambient set cleared;
   3. keep-caps on, then setresgid/setresuid to the workload's ids (keep-caps so the kept
      capabilities survive the uid change);
@@ -14,10 +13,8 @@ With nothing kept (the default) every set is empty at execve.
 
 from __future__ import annotations
 
-import os
 
 from sandboxd.errors import PlanError
-from sandboxd.runtime import linux
 
 # linux/capability.h, 0..40 on 6.x kernels
 CAP_NAMES = (
@@ -32,14 +29,6 @@ CAP_NAMES = (
     "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
 )
 CAP_BY_NAME = {n: i for i, n in enumerate(CAP_NAMES)}
-
-
-def last_cap() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except OSError:
-        return len(CAP_NAMES) - 1
 
 
 def parse_caps(names: tuple[str, ...] | list[str]) -> int:
@@ -67,28 +56,6 @@ def mask_names(mask: int) -> list[str]:
         out.append(CAP_NAMES[i] if i < len(CAP_NAMES) else f"CAP_{i}")
         mask ^= low
     return out
-
-
-def drop_to(keep_mask: int, uid: int, gid: int) -> None:
-    """Steps 1-5 above. Runs in the workload child; raises LaunchError naming the step."""
-    top = last_cap()
-    for cap in range(top + 1):                       # 1. bounding set
-        if not keep_mask >> cap & 1:
-            linux.prctl(linux.PR_CAPBSET_DROP, cap, step="capabilities(bounding)")
-    linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL, step="capabilities(ambient)")  # 2.
-    linux.prctl(linux.PR_SET_KEEPCAPS, 1, step="capabilities(keepcaps)")   # 3.
-    try:
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    except OSError as e:
-        from sandboxd.errors import LaunchError
-        raise LaunchError(f"switch to uid {uid} gid {gid}", step="identity", errno=e.errno) from None
-    linux.prctl(linux.PR_SET_KEEPCAPS, 0, step="capabilities(keepcaps)")
-    linux.capset(keep_mask, keep_mask, keep_mask)    # 4.
-    for cap in range(top + 1):                       # 5.
-        if keep_mask >> cap & 1:
-            linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_RAISE, cap,
-                        step="capabilities(ambient raise)")
 
 
 def _ints(val: str) -> list[int]:

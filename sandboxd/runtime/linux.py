@@ -1,8 +1,9 @@
 """Thin wrappers over the Linux syscalls the runtime needs and Python's os module lacks.
 
 Each wrapper raises LaunchError naming the syscall (the step), the object and the errno, so a
-failure deep in the containment sequence reads like "mount: bind /usr -> /run/.../usr (EPERM)".
-They are safe to call in a forked child of a single-threaded process: no threads, no locks.
+failure reads like "kill: pidfd_send_signal(9) (EBADF)". The sandbox's own containment (mounts,
+namespaces, capabilities) is C (stub/sbx-exec.c); the flag values below are what its inputs
+are made of (mounts.compile_root).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import struct
 
 from sandboxd.errors import LaunchError
 
@@ -61,49 +61,18 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
-SYS_pivot_root = 155
-SYS_capget = 125
-SYS_capset = 126
 SYS_close_range = 436
 SYS_pidfd_open = 434
 SYS_pidfd_send_signal = 424
 CLOSE_RANGE_CLOEXEC = 4
 
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.syscall.restype = ctypes.c_long
 
 
 def _fail(step: str, msg: str, path: str | None = None) -> LaunchError:
     e = ctypes.get_errno()
     return LaunchError(msg, step=step, path=path, errno=e)
-
-
-def unshare(flags: int) -> None:
-    if _libc.unshare(flags) != 0:
-        names = [n for n, f in NAMESPACE_FLAGS.items() if flags & f]
-        raise _fail("unshare", f"unshare({'|'.join(names)}) failed",
-                    ) from None
-
-
-def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    r = _libc.mount(source.encode() if source else None, target.encode(),
-                    fstype.encode() if fstype else None, flags, data.encode() if data else None)
-    if r != 0:
-        raise _fail("mount", f"mount {fstype or 'bind'} {source or ''} -> {target} flags={flags:#x}", target)
-
-
-def umount2(target: str, flags: int) -> None:
-    if _libc.umount2(target.encode(), flags) != 0:
-        raise _fail("umount", f"umount2 {target}", target)
-
-
-def pivot_root(new_root: str, put_old: str) -> None:
-    if _libc.syscall(SYS_pivot_root, new_root.encode(), put_old.encode()) != 0:
-        raise _fail("pivot_root", f"pivot_root({new_root}, {put_old})", new_root)
 
 
 def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0, *, step: str = "prctl") -> int:
@@ -123,12 +92,6 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1, step="no_new_privs")
 
 
-def sethostname(name: str) -> None:
-    b = name.encode()
-    if _libc.sethostname(b, len(b)) != 0:
-        raise _fail("sethostname", f"sethostname({name})")
-
-
 def close_range(first: int, last: int, flags: int = 0) -> None:
     if _libc.syscall(SYS_close_range, ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags)) != 0:
         raise _fail("close_fds", f"close_range({first}, {last})")
@@ -145,30 +108,6 @@ def close_fds_except(keep: tuple[int, ...]) -> None:
 
 
 # --- capabilities: capget/capset with the v3 (64-bit) header --------------------------------
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def capset(effective: int, permitted: int, inheritable: int) -> None:
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    for i in range(2):
-        sh = 32 * i
-        data[i].effective = (effective >> sh) & 0xFFFFFFFF
-        data[i].permitted = (permitted >> sh) & 0xFFFFFFFF
-        data[i].inheritable = (inheritable >> sh) & 0xFFFFFFFF
-    if _libc.syscall(SYS_capset, ctypes.byref(hdr), ctypes.byref(data)) != 0:
-        raise _fail("capset", "capset")
-
-
 def pidfd_open(pid: int) -> int:
     r = _libc.syscall(SYS_pidfd_open, pid, 0)
     if r < 0:
@@ -184,27 +123,6 @@ def pidfd_send_signal(pidfd: int, sig: int) -> bool:
             return False
         raise _fail("kill", f"pidfd_send_signal({sig})")
     return True
-
-
-# --- loopback up without iproute2: SIOCSIFFLAGS on "lo" ---------------------------------------
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-IFF_UP = 0x1
-
-
-def loopback_up() -> None:
-    import fcntl
-    import socket
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        ifr = struct.pack("16sh14x", b"lo", 0)
-        res = fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, ifr)
-        flags = struct.unpack("16sh14x", res)[1]
-        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
-    except OSError as e:
-        raise LaunchError("bring loopback up", step="network", path="lo", errno=e.errno) from None
-    finally:
-        s.close()
 
 
 def write_file(path: str, data: str | bytes, step: str) -> None:
