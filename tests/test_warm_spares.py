@@ -482,3 +482,12 @@ def test_a_layout_with_a_large_generated_file_runs(runtime):
         fs, files=fs.files + (("/etc/big", "x" * 70000),)))
     r = runtime.run(p)
     assert r.status == Status.OK and r.stdout == b"70000\n", r
+
+
+def test_back_to_back_runs_of_one_layout_all_get_their_own_result(runtime):
+    """Back to back, a run mostly takes a spare still being staged: the launcher tells it a run
+    waits (HURRY), before, during or after its warm-up, and START must still find it. Every
+    run's own argv and output, whichever spare it got."""
+    for i in range(40):
+        r = runtime.run(plan(["/bin/echo", f"run{i}"]))
+        assert r.status == Status.OK and r.stdout == f"run{i}\n".encode(), (i, r)

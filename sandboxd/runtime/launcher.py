@@ -508,6 +508,12 @@ class Launcher:
                                   path=plan.filesystem.work_host_path, errno=e.errno) from None
         sup.run = run
         sup.stack.callback(run.release_stdin)   # by reference: the fd may be handed over earlier
+        if sup.layout_sent and not sup.ready:
+            # Still staging: it need not warm up for a run that may come (this one waits).
+            try:
+                protocol.send(sup.lsock, protocol.HURRY)
+            except OSError:
+                pass                             # gone: its exit answers the run
         self._advance(sup)
 
     def _layout_for(self, plan: Plan, *, shared: bool = True) -> _Layout:
@@ -606,6 +612,8 @@ class Launcher:
             if not sup.layout_sent and sup.layout is not None:
                 protocol.send(sup.lsock, protocol.LAYOUT, sup.layout.ctx_bytes)
                 protocol.send(sup.lsock, protocol.LAYOUT_BLOB, sup.layout.ctx.layout_blob)
+                if run is not None:
+                    protocol.send(sup.lsock, protocol.HURRY)
                 sup.layout_sent = True
                 if run is None:
                     # Limits as the layout's first run had them: a run with the same limits

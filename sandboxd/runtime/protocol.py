@@ -18,6 +18,7 @@ Frames
                                        root, stage the workload
   init -> supervisor (sync)            STAGED {status, ns, landlock counts}, ERROR {...}
   workload -> supervisor (sync)        WAITING: the workload runs and waits for its GO frame
+  launcher -> supervisor               HURRY: a run waits for this spare (after LAYOUT_BLOB, before START)
   supervisor -> launcher               READY + [the supervisor's end of the sync socket]
   launcher -> stub (sync)              the stub's GO frame (stubgo.encode; no kind byte), fds [stdin]
   launcher -> supervisor               START pickled RunStart, fds [run socket]
@@ -59,6 +60,7 @@ ATTACH = b"N"
 DETACH = b"O"
 NAMESPACED = b"M"
 LAYOUT_BLOB = b"V"
+HURRY = b"K"
 
 MAX_FRAME = 1 << 17
 
