@@ -198,7 +198,7 @@ class _Run:
         self.cancelled = False
         self.denial_count = 0
         self.t_end_ns: int | None = None
-        self.staged = False                # the workload staged itself and exec'd the stub
+        self.staged = False                # init built the root, contained itself (STAGED)
         self.stub_waiting = False          # the stub runs and waits for GO
         self.cgroup: Any = None            # the run's RunCgroup, from PLACED
 

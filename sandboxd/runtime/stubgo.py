@@ -1,10 +1,11 @@
-"""The exec stub (stub/sbx-exec.c): where it is, and the GO frame that starts a run in it.
+"""The exec stub (stub/sbx-exec.c): where it is, and the two inputs the launcher makes for it.
 
-A spare's workload stages itself in Python (root, capabilities, no_new_privs, the Landlock
-ruleset) and execs the stub, which waits for this frame. Everything in the frame is the run's:
+The layout blob (encode_layout, once per layout): what the run's init (`sbx-exec init`) builds
+the sandbox from ahead of any run: the root's ops, the identity, the kept capabilities, the
+Landlock rules. The GO frame (encode, per run): what the waiting workload does at the run:
 rlimits, the seccomp program, argv[0]'s Landlock rule, the AppArmor exec attribute, argv and
-envp. The launcher encodes it (pure computation, unit-tested without a kernel); the stub parses
-it with bounds checks and answers a malformed frame with ERROR (step "stub").
+envp. Both are pure computation, unit-tested without a kernel; the stub parses them with bounds
+checks and answers a malformed one with ERROR (step "init" or "stub").
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from sandboxd.errors import HostCapabilityError
 from sandboxd.plan import Plan
 
 STUB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stub", "sbx-exec")
-RULESET_FD = 4           # where the Landlock ruleset sits when the stub starts
-STATUS_FD = 5            # init mode: where pid 1 writes the workload's wait status
+RULESET_FD = 4           # where the Landlock ruleset sits for the workload (sbx-exec.c: build_main)
+STATUS_FD = 5            # where init (pid 1) writes the workload's wait status
 
 MAGIC = 0x31584253       # "SBX1"
 F_SECCOMP = 1
