@@ -60,7 +60,7 @@ def test_compile_root_refuses_a_target_that_is_not_absolute_and_normalised(bad):
 def test_encode_layout_refuses_nul_and_oversize():
     kw = dict(root="/r", hostname="h", cwd="/", uid=1, gid=1, keep_caps=0, cpu_arg="-", landlock=None)
     blob = stubgo.encode_layout(ops=[("pivot",)], **kw)
-    assert blob.split(b"\0")[:9] == [b"SBXL1", b"/r", b"h", b"/", b"1", b"1", b"0", b"-", b"0"]
+    assert blob.split(b"\0")[:11] == [b"SBXL1", b"/r", b"h", b"/", b"1", b"1", b"0", b"-", b"1", b"pivot", b"0"]
     with pytest.raises(PlanError):
         stubgo.encode_layout(ops=[("file", "/etc/x", "a\0b")], **kw)
     with pytest.raises(PlanError):
@@ -197,7 +197,7 @@ def test_init_runs_the_workload_and_reports_its_status(init, tmp_path):
 @root_only
 @pytest.mark.parametrize("mangle, what", [
     (lambda b: b"XXXXX" + b[5:], "bad magic"),
-    (lambda b: b[:-len(b"pivot\0")] + b"fly\0", "unknown op"),
+    (lambda b: b.replace(b"pivot\0", b"fly\0"), "unknown op"),
     (lambda b: b"\0".join(b.split(b"\0")[:6]) + b"\0", "cut short"),
     (lambda b: b + b"extra\0", "trailing bytes"),
     (lambda b: b[:-1], "unterminated"),

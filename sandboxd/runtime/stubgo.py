@@ -126,7 +126,11 @@ def encode_layout(*, root: str, hostname: str, cwd: str, uid: int, gid: int, kee
     """The blob the run's init (sbx-exec init, build_main) builds the sandbox from: made once per
     layout by the launcher. `landlock`: a landlock.Prepared whose ruleset init builds, or None;
     `ops`: mounts.compile_root's. Strings, numbers in decimal, each NUL-terminated."""
-    out: list[str | int] = [LAYOUT_MAGIC, root, hostname, cwd, uid, gid, keep_caps, cpu_arg or "-"]
+    out: list[str | int] = [LAYOUT_MAGIC, root, hostname, cwd, uid, gid, keep_caps, cpu_arg or "-",
+                            len(ops)]
+    for op in ops:
+        out.extend(op)
+    # Last, as init reads it: the ruleset is built after no_new_privs.
     if landlock is None or landlock.attr is None:
         out.append(0)
     else:
@@ -138,9 +142,6 @@ def encode_layout(*, root: str, hostname: str, cwd: str, uid: int, gid: int, kee
         out.append(len(landlock.ports))
         for p in landlock.ports:
             out += [p.port, p.allowed_access]
-    out.append(len(ops))
-    for op in ops:
-        out.extend(op)
     parts = []
     for v in out:
         s = str(v) if isinstance(v, int) else v

@@ -405,9 +405,9 @@ static void run_init(int status_fd, int ruleset_fd)
  *
  * Layout blob: NUL-terminated strings, numbers in decimal:
  *   "SBXL1" root hostname cwd uid gid keep_caps cpu-arg
- *   landlock: "0" | "1" attr_size handled_fs handled_net scoped
- *             n_paths {path dir_access file_access optional}* n_ports {port access}*
- *   n_ops, then each op: its name and its arguments (see run_op).
+ *   n_ops, then each op: its name and its arguments (see run_op)
+ *   landlock (last: its ruleset is built after no_new_privs): "0" | "1" attr_size handled_fs
+ *             handled_net scoped n_paths {path dir_access file_access optional}* n_ports {port access}*
  */
 #define ISOCK_FD 6
 #define MAX_LAYOUT (1u << 17)
@@ -943,27 +943,10 @@ static void build_main(int nodump)
 	gid_t in_gid = (gid_t)lay_u32();
 	uint64_t keep = lay_num();
 	build_cpu_arg = lay_str();
-	size_t ll_pos = lay_pos; /* the ruleset is built last, after no_new_privs */
-	if (lay_num()) {
-		for (int i = 0; i < 4; i++)
-			lay_num();
-		for (unsigned long long i = 0, k = lay_num(); i < k; i++) {
-			lay_str();
-			lay_num();
-			lay_num();
-			lay_num();
-		}
-		for (unsigned long long i = 0, k = lay_num(); i < k; i++) {
-			lay_num();
-			lay_num();
-		}
-	}
 	if (sethostname(hostname, strlen(hostname)) != 0)
 		fail("sethostname", "sethostname", hostname, errno);
 	for (unsigned long long i = 0, k = lay_num(); i < k; i++)
 		run_op(lay_str());
-	if (lay_pos != lay_len)
-		fail("init", "layout: trailing bytes", NULL, EINVAL);
 	/* For good: the workload cannot ptrace its init or read /proc/1. */
 	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
 		fail("init", "prctl(PR_SET_DUMPABLE, 0)", NULL, errno);
@@ -972,7 +955,7 @@ static void build_main(int nodump)
 	if (dn < 0 || dup2(dn, 0) < 0)
 		fail("init", "open /dev/null", "/dev/null", errno);
 	close(dn);
-	/* The containment order (sandbox.py's docstring lists it whole). */
+	/* The containment order (listed whole in sandbox.py, above spawn_init). */
 	if (setsid() < 0)                           /* new session: no TIOCSTI into a terminal */
 		fail("init", "setsid", NULL, errno);
 	if (chdir(cwd) != 0)
@@ -980,19 +963,16 @@ static void build_main(int nodump)
 	drop_caps(keep, in_uid, in_gid);
 	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
 		fail("no_new_privs", "prctl(PR_SET_NO_NEW_PRIVS)", NULL, errno);
-	size_t end = lay_pos;
-	lay_pos = ll_pos;
 	static char ll_att[10240];
-	int rfd = build_ruleset(ll_att, sizeof ll_att);
-	lay_pos = end;
+	int rfd = build_ruleset(ll_att, sizeof ll_att); /* the blob's last part */
+	if (lay_pos != lay_len)
+		fail("init", "layout: trailing bytes", NULL, EINVAL);
 	if (rfd >= 0 && rfd != 4) {
 		if (dup2(rfd, 4) < 0)
 			fail("landlock", "dup2 the ruleset", NULL, errno);
 		close(rfd);
 		rfd = 4;
 	}
-	if (rfd >= 0 && fcntl(rfd, F_SETFD, 0) != 0)
-		fail("landlock", "ruleset fd", NULL, errno);
 	send_staged(ll_att);
 	build_ruleset_fd = rfd;
 	run_init(5, rfd); /* returns in the workload */
